@@ -1,0 +1,83 @@
+"""The `llmtrain` console script: Lightning's fit/validate/test on LightningCLI, plus the tool commands."""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+from pathlib import Path
+from typing import Callable, Optional
+
+from lightning.pytorch.cli import LightningCLI
+
+# Tool commands: name -> (module, function taking argv[1:] and returning an exit code). Imported lazily so
+# that `llmtrain fit` does not pay for them.
+TOOL_COMMANDS: dict[str, tuple[str, str]] = {
+    "tokenizer": ("llmtrain.data.commands", "tokenizer_main"),
+    "prepare": ("llmtrain.data.commands", "prepare_main"),
+    "generate": ("llmtrain.generate", "main"),
+}
+LIGHTNING_COMMANDS = ("fit", "validate", "test")
+
+
+class LLMTrainCLI(LightningCLI):
+    """LightningCLI for LanguageModel + TokenDataModule, with the run config stored in every checkpoint."""
+
+    def before_fit(self) -> None:
+        self._refuse_overwriting_a_run()
+        # The resolved YAML travels inside every checkpoint (config.yaml beside the logs is written by Lightning).
+        self.model.run_config = self._parser(self.subcommand).dump(self.config[self.subcommand], skip_none=False)
+
+    def _refuse_overwriting_a_run(self) -> None:
+        """A fresh run into a folder that holds checkpoints would mix two runs: ask for resume or a new name."""
+        if self.config[self.subcommand].get("ckpt_path") is not None:
+            return
+        for callback in self.trainer.checkpoint_callbacks:
+            dirpath = callback.dirpath
+            if dirpath and Path(dirpath).is_dir() and any(Path(dirpath).glob("*.ckpt")):
+                raise SystemExit(
+                    f"error: {dirpath} already holds checkpoints of an earlier run. Resume it with "
+                    "`--ckpt_path last`, or start a new run under another name "
+                    "(--trainer.logger.init_args.name NAME).")
+
+
+def run_lightning(args: Optional[list[str]] = None) -> LLMTrainCLI:
+    # Imported here: the data and model packages pull torch, which the tool commands may not need.
+    from llmtrain.data.datamodule import TokenDataModule
+    from llmtrain.training.module import LanguageModel
+
+    return LLMTrainCLI(
+        LanguageModel,
+        TokenDataModule,
+        seed_everything_default=1234,
+        save_config_kwargs={"overwrite": True},
+        args=args,
+    )
+
+
+def _tool(name: str) -> Callable[[list[str]], int]:
+    module, function = TOOL_COMMANDS[name]
+    return getattr(importlib.import_module(module), function)
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    os.environ.setdefault("DS_ACCELERATOR", "cuda" if _has_cuda() else "cpu")
+    if argv and argv[0] in TOOL_COMMANDS:
+        return _tool(argv[0])(argv[1:])
+    if argv and argv[0] not in LIGHTNING_COMMANDS and not argv[0].startswith("-"):
+        commands = ", ".join((*LIGHTNING_COMMANDS, *TOOL_COMMANDS))
+        print(f"llmtrain: unknown command {argv[0]!r}; commands: {commands}", file=sys.stderr)
+        return 2
+    run_lightning(argv)
+    return 0
+
+
+def _has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

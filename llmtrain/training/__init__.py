@@ -1,0 +1,1 @@
+"""Training: the LightningModule, optimizer groups and schedules, loss, and the distributed strategy."""

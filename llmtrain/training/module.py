@@ -1,0 +1,179 @@
+"""LanguageModel: the LightningModule around the plain-torch Decoder (loss, optimizer, schedule, logging)."""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import asdict, fields
+from typing import Any, Literal, Optional, Union
+
+import lightning.pytorch as pl
+import torch
+from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+
+from llmtrain.model import ConfigError, Decoder, ModelConfig
+from llmtrain.training.loss import cross_entropy_and_z
+from llmtrain.training.optim import OptimConfig, build_optimizer, lr_lambda
+
+CompileScope = Literal["off", "model", "blocks"]
+
+# Fields that change parameter shapes: a checkpoint that differs in any of them cannot be loaded.
+SHAPE_FIELDS = ("vocab_size", "d_model", "n_layer", "n_head", "n_kv_head", "head_dim", "d_ff", "bias", "ffn",
+                "norm", "norm_position", "qk_norm", "tie_embeddings", "position", "max_seq_len")
+
+
+class LanguageModel(pl.LightningModule):
+    """Next-token prediction with cross-entropy + z-loss, AdamW groups and a warmup schedule."""
+
+    def __init__(
+        self,
+        config: ModelConfig,
+        optim: Optional[OptimConfig] = None,
+        z_loss_coef: float = 1e-4,
+        compile: CompileScope = "off",
+        activation_checkpointing: bool = False,
+    ) -> None:
+        """
+        Args:
+            config: the decoder architecture (every switch in ModelConfig).
+            optim: AdamW hyper-parameters and the LR schedule.
+            z_loss_coef: weight of the z-loss term coef·log²Z (PaLM uses 1e-4); 0 turns it off (still logged).
+            compile: torch.compile scope: "model" compiles decoder and loss together (fastest on one device),
+                "blocks" compiles each block (works under DeepSpeed ZeRO-3), "off" runs eagerly.
+            activation_checkpointing: recompute each block's activations in backward (saves memory, ~30% compute).
+        """
+        super().__init__()
+        # Plain dicts in the checkpoint, so it loads with torch.load(weights_only=True).
+        if isinstance(config, dict):
+            config = ModelConfig(**config)
+        if isinstance(optim, dict):
+            optim = OptimConfig(**optim)
+        if z_loss_coef < 0:
+            raise ConfigError(f"model: z_loss_coef={z_loss_coef!r} is invalid: must be >= 0")
+        if compile not in ("off", "model", "blocks"):
+            raise ConfigError(f"model: compile={compile!r} is invalid: choose one of off, model, blocks")
+        self.config = config
+        self.optim_config = optim or OptimConfig()
+        self.z_loss_coef = z_loss_coef
+        self.compile_scope = compile
+        self.activation_checkpointing = activation_checkpointing
+        self.save_hyperparameters({"config": asdict(config), "optim": asdict(self.optim_config),
+                                   "z_loss_coef": z_loss_coef, "compile": compile,
+                                   "activation_checkpointing": activation_checkpointing})
+        self.model: Optional[Decoder] = None
+        self._loss_fn = self._forward_loss
+        self.tokens_seen = 0  # global count of trained tokens, restored on resume
+        self.run_config: Optional[str] = None  # the resolved YAML, set by the CLI and stored in checkpoints
+
+    # -- model construction -------------------------------------------------------------------------------------
+    def configure_model(self) -> None:
+        """Builds the decoder inside the strategy's init context, so ZeRO-3 shards parameters from the start."""
+        if self.model is not None:
+            return
+        self.model = Decoder(self.config)
+        if self.activation_checkpointing:
+            for i, block in enumerate(self.model.blocks):
+                self.model.blocks[i] = checkpoint_wrapper(block)
+        if self.compile_scope == "blocks":
+            for block in self.model.blocks:
+                block.compile()
+        elif self.compile_scope == "model":
+            # Loss inside the compiled region: no eager fp32 (B, T, V) logits (measured 1.15x at 124M on H100).
+            self._loss_fn = torch.compile(self._forward_loss)
+
+    def _forward_loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = self.model(batch["input_ids"], batch.get("document_ids"), batch.get("position_ids"))
+        return cross_entropy_and_z(logits, batch["labels"])
+
+    def forward(self, input_ids: torch.Tensor, document_ids: Optional[torch.Tensor] = None,
+                position_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+        return self.model(input_ids, document_ids, position_ids)
+
+    # -- steps ----------------------------------------------------------------------------------------------------
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        ce, z = self._loss_fn(batch)
+        loss = ce + self.z_loss_coef * z
+        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/ce_loss", ce)
+        self.log("train/z_loss", z)  # mean log²Z, unscaled: watched even when z_loss_coef is 0
+        self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"])
+        return loss
+
+    def on_train_batch_end(self, outputs: Any, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        self.tokens_seen += batch["input_ids"].numel() * self.trainer.world_size
+        self.log("train/tokens", float(self.tokens_seen))
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        ce, _ = self._loss_fn(batch)
+        self.log("val/loss", ce, sync_dist=True, prog_bar=True)
+        self.log("val/ppl", torch.exp(ce), sync_dist=True)
+        bytes_per_token = self._bytes_per_token()
+        if bytes_per_token is not None:  # bits per byte: comparable across tokenizers
+            self.log("val/bpb", ce / math.log(2) / bytes_per_token, sync_dist=True)
+        return ce
+
+    def _bytes_per_token(self) -> Optional[float]:
+        datamodule = getattr(self.trainer, "datamodule", None)
+        fn = getattr(datamodule, "bytes_per_token", None)
+        return fn("val") if fn is not None else None
+
+    # -- optimizer --------------------------------------------------------------------------------------------------
+    def configure_optimizers(self) -> dict:
+        optimizer = build_optimizer(self.model, self.optim_config)
+        total = self.optim_config.total_steps or self.trainer.max_steps
+        if total is None or total <= 0:
+            raise ConfigError("optim.total_steps is unset and trainer.max_steps is -1: set one of them, "
+                              "the LR schedule needs the run length")
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(self.optim_config, total))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # -- start-of-run checks and checkpoint contents --------------------------------------------------------------
+    def setup(self, stage: str) -> None:
+        datamodule = getattr(self.trainer, "datamodule", None)
+        check = getattr(datamodule, "check_vocab", None)
+        if check is not None:
+            check(self.config.vocab_size)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        datamodule = getattr(self.trainer, "datamodule", None)
+        checkpoint["llmtrain"] = {
+            "tokens_seen": self.tokens_seen,
+            "run_config": self.run_config,
+            "tokenizer": getattr(datamodule, "tokenizer_path", None),
+            "rng": {"torch": torch.get_rng_state(), "python": random.getstate()[1],
+                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        saved = checkpoint.get("hyper_parameters", {}).get("config")
+        if saved is not None:
+            check_compatible(saved, self.config)
+        state = checkpoint.get("llmtrain")
+        if state is None:
+            return
+        self.tokens_seen = state["tokens_seen"]
+        torch.set_rng_state(state["rng"]["torch"])
+        random.setstate((3, tuple(state["rng"]["python"]), None))
+        if state["rng"]["cuda"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+
+
+def check_compatible(saved: dict[str, Any], current: ModelConfig) -> None:
+    """Refuses a checkpoint whose architecture differs in parameter shapes, naming every mismatch."""
+    known = {f.name for f in fields(ModelConfig)}
+    saved_config = ModelConfig(**{k: v for k, v in saved.items() if k in known})
+    mismatches = [f"{name}: checkpoint {getattr(saved_config, name)!r} vs config {getattr(current, name)!r}"
+                  for name in SHAPE_FIELDS if getattr(saved_config, name) != getattr(current, name)]
+    if mismatches:
+        raise ConfigError("checkpoint does not match the model config (" + "; ".join(mismatches) + ")")
+
+
+def load_decoder(path: str, map_location: Union[str, torch.device] = "cpu") -> tuple[Decoder, dict[str, Any]]:
+    """A Decoder with the weights of a Lightning checkpoint file (weights_only load), and the checkpoint dict."""
+    checkpoint = torch.load(path, map_location=map_location, weights_only=True)
+    config = ModelConfig(**checkpoint["hyper_parameters"]["config"])
+    model = Decoder(config)
+    state = {k.removeprefix("model."): v for k, v in checkpoint["state_dict"].items()}
+    state = {k.replace("_checkpoint_wrapped_module.", "").replace("_orig_mod.", ""): v for k, v in state.items()}
+    model.load_state_dict(state)
+    return model, checkpoint
