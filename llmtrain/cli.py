@@ -16,6 +16,10 @@ TOOL_COMMANDS: dict[str, tuple[str, str]] = {
     "tokenizer": ("llmtrain.data.commands", "tokenizer_main"),
     "prepare": ("llmtrain.data.commands", "prepare_main"),
     "generate": ("llmtrain.generate", "main"),
+    "report": ("llmtrain.report", "report_main"),
+    "submit": ("llmtrain.launch", "submit_main"),
+    "convert": ("llmtrain.checkpoint", "convert_main"),
+    "export": ("llmtrain.checkpoint", "export_main"),
 }
 LIGHTNING_COMMANDS = ("fit", "validate", "test")
 
@@ -24,19 +28,43 @@ class LLMTrainCLI(LightningCLI):
     """LightningCLI for LanguageModel + TokenDataModule, with the run config stored in every checkpoint."""
 
     def before_fit(self) -> None:
-        self._refuse_overwriting_a_run()
+        fit_args = self.config_init[self.subcommand]
+        if fit_args.get("ckpt_path") == "last":
+            fit_args["ckpt_path"] = self._newest_checkpoint()
+        elif fit_args.get("ckpt_path") is None:
+            self._refuse_overwriting_a_run()
         # The resolved YAML travels inside every checkpoint (config.yaml beside the logs is written by Lightning).
         self.model.run_config = self._parser(self.subcommand).dump(self.config[self.subcommand], skip_none=False)
 
+    def _checkpoint_dirs(self) -> list[Path]:
+        """Where the checkpoint callbacks will write (Lightning resolves a missing dirpath to log_dir/checkpoints)."""
+        return [Path(cb.dirpath or Path(self.trainer.log_dir or ".") / "checkpoints")
+                for cb in self.trainer.checkpoint_callbacks]
+
+    def _newest_checkpoint(self) -> Optional[str]:
+        """`last` made robust: the target of last.ckpt, else the newest step checkpoint, else a fresh start.
+
+        Lightning alone would start from scratch with only a warning when last.ckpt is missing (a kill between
+        removing the old link and making the new one); a requeued job must never silently restart.
+        """
+        candidates = []
+        for folder in self._checkpoint_dirs():
+            last = folder / "last.ckpt"
+            if last.exists():
+                return str(last)
+            candidates += sorted(folder.glob("step*.ckpt"))
+        if candidates:
+            return str(candidates[-1])
+        print(f"--ckpt_path last: no checkpoint under {', '.join(map(str, self._checkpoint_dirs()))}; "
+              "starting a fresh run", file=sys.stderr)
+        return None
+
     def _refuse_overwriting_a_run(self) -> None:
         """A fresh run into a folder that holds checkpoints would mix two runs: ask for resume or a new name."""
-        if self.config[self.subcommand].get("ckpt_path") is not None:
-            return
-        for callback in self.trainer.checkpoint_callbacks:
-            dirpath = callback.dirpath
-            if dirpath and Path(dirpath).is_dir() and any(Path(dirpath).glob("*.ckpt")):
+        for folder in self._checkpoint_dirs():
+            if folder.is_dir() and any(folder.glob("*.ckpt")):
                 raise SystemExit(
-                    f"error: {dirpath} already holds checkpoints of an earlier run. Resume it with "
+                    f"error: {folder} already holds checkpoints of an earlier run. Resume it with "
                     "`--ckpt_path last`, or start a new run under another name "
                     "(--trainer.logger.init_args.name NAME).")
 

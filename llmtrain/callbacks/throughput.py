@@ -1,4 +1,4 @@
-"""Tokens/s and model FLOPs utilisation, logged as train/tokens_per_sec and train/mfu."""
+"""Tokens/s, model FLOPs utilisation and peak GPU memory: train/tokens_per_sec, train/mfu, train/gpu_mem_peak_gib."""
 
 from __future__ import annotations
 
@@ -64,6 +64,8 @@ class Throughput(pl.Callback):
         if self.peak_tflops is not None:
             flops = tokens_per_sec * pl_module.config.flops_per_token(batch["input_ids"].shape[1])
             metrics["train/mfu"] = flops / (self.peak_tflops * 1e12 * trainer.world_size)
+        if torch.cuda.is_available():  # the allocator's own counter: no device sync
+            metrics["train/gpu_mem_peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
         self.last_metrics = metrics
         if trainer.is_global_zero:  # straight to the loggers: the window need not align with log_every_n_steps
             for logger in trainer.loggers:

@@ -78,6 +78,11 @@ class ModelConfig:
         _choice("attention_backend", self.attention_backend, ATTENTION_BACKENDS)
         for field in ("norm_eps", "rope_theta", "init_std", "attn_logit_softcap", "final_logit_softcap"):
             _positive(field, getattr(self, field))
+        if self.attention_backend == "sdpa" and self.attn_logit_softcap is not None:
+            # SDPA has no hook for a score modification: the cap would be silently ignored.
+            _fail("attention_backend", self.attention_backend,
+                  f"'sdpa' cannot soft-cap attention logits (attn_logit_softcap={self.attn_logit_softcap}); "
+                  "use 'auto', 'flex' or 'eager'")
 
         if self.n_kv_head is None:
             self.n_kv_head = self.n_head

@@ -97,11 +97,10 @@ class LanguageModel(pl.LightningModule):
         self.log("train/ce_loss", ce)
         self.log("train/z_loss", z)  # mean log²Z, unscaled: watched even when z_loss_coef is 0
         self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"])
-        return loss
-
-    def on_train_batch_end(self, outputs: Any, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        # Counted here, not at batch end: checkpoint callbacks run before the module's batch-end hook.
         self.tokens_seen += batch["input_ids"].numel() * self.trainer.world_size
         self.log("train/tokens", float(self.tokens_seen))
+        return loss
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         ce, _ = self._loss_fn(batch)

@@ -1,0 +1,111 @@
+"""One GPU: the same run under the plain strategy and DeepSpeed ZeRO 1/2/3; loss parity, memory, speed, resume.
+
+Run through the device tool (see docs/benchmarks.md for the exact command), e.g.:
+    python benchmarks/zero_stages.py --data_dir .gpu_data/shards --steps 200 --out $OUT
+Every run is a real `llmtrain fit` in a subprocess, from the same seed and data. Prints one markdown table
+and writes it, with the per-step losses, to --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from llmtrain.events import read_scalars  # noqa: E402
+
+STRATEGIES = {
+    "single device": [],
+    "ZeRO-1": ["--config", "configs/deepspeed/zero1.yaml"],
+    "ZeRO-2": ["--config", "configs/deepspeed/zero2.yaml"],
+    "ZeRO-3": ["--config", "configs/deepspeed/zero3.yaml"],
+}
+
+
+def fit(name: str, extra: list[str], args: argparse.Namespace, steps: int, *more: str) -> float:
+    cmd = [sys.executable, "-m", "llmtrain.cli", "fit", "--config", args.config, *extra,
+           "--trainer.max_steps", str(steps), "--model.optim.total_steps", str(args.steps),
+           "--model.optim.warmup_steps", "20", "--trainer.val_check_interval", str(args.steps),
+           "--trainer.limit_val_batches", "10", "--trainer.log_every_n_steps", "1",
+           "--trainer.enable_progress_bar", "false",
+           "--trainer.logger.init_args.save_dir", str(args.runs), "--trainer.logger.init_args.name", name,
+           "--trainer.callbacks", json.dumps([
+               {"class_path": "llmtrain.callbacks.PeriodicCheckpoint", "init_args": {"every_n_steps": args.resume_at}},
+               {"class_path": "llmtrain.callbacks.Throughput", "init_args": {"window": 20, "warmup_steps": 10}}]),
+           "--model.config.vocab_size", str(args.vocab_size),
+           "--data.data_dir", args.data_dir, "--data.micro_batch_size", str(args.micro_batch_size), *more]
+    start = time.time()
+    with open(Path(args.out) / "log.txt", "a") as log:
+        log.write(f"\n$ {' '.join(cmd)}\n")
+        log.flush()
+        code = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT).returncode
+    if code != 0:
+        raise SystemExit(f"{name} failed with exit code {code}; see {args.out}/log.txt")
+    return time.time() - start
+
+
+def summary(run_dir: Path) -> dict:
+    scalars = read_scalars(run_dir)
+    loss = scalars["train/loss"]
+    tps = scalars.get("train/tokens_per_sec", {})
+    mem = scalars.get("train/gpu_mem_peak_gib", {})
+    return {"loss": loss, "tokens_per_sec": max(tps.values()) if tps else float("nan"),
+            "peak_gib": max(mem.values()) if mem else float("nan"),
+            "val_loss": list(scalars.get("val/loss", {0: float("nan")}).values())[-1]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--config", default="configs/llama-124m.yaml")
+    parser.add_argument("--data_dir", required=True)
+    parser.add_argument("--vocab_size", type=int, default=32000)
+    parser.add_argument("--micro_batch_size", type=int, default=16)
+    parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--resume_at", type=int, default=100)
+    parser.add_argument("--runs", default="runs/zero_stages")
+    parser.add_argument("--out", default="benchmark_out")
+    parser.add_argument("--only", nargs="*", default=None, help="subset of strategy names")
+    args = parser.parse_args()
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+
+    results = {}
+    for name, extra in STRATEGIES.items():
+        if args.only and name not in args.only:
+            continue
+        tag = name.replace(" ", "_")
+        fit(tag, extra, args, args.steps)
+        results[name] = summary(Path(args.runs) / tag)
+    # ZeRO-3 stopped at resume_at and resumed: the loss after resuming must follow the uninterrupted run.
+    if not args.only or "ZeRO-3" in args.only:
+        fit("ZeRO-3_resumed", STRATEGIES["ZeRO-3"], args, args.resume_at)
+        fit("ZeRO-3_resumed", STRATEGIES["ZeRO-3"], args, args.steps, "--ckpt_path", "last")
+        resumed = summary(Path(args.runs) / "ZeRO-3_resumed")
+        straight = results["ZeRO-3"]["loss"]
+        after = [s for s in resumed["loss"] if s >= args.resume_at and s in straight]
+        rel = max(abs(resumed["loss"][s] - straight[s]) / abs(straight[s]) for s in after)
+        results["ZeRO-3 resumed"] = {**resumed, "resume_max_rel_diff": rel}
+
+    reference = results.get("single device", next(iter(results.values())))["loss"]
+    lines = ["| strategy | tokens/s | peak GPU memory (GiB) | loss @ last step | max abs loss diff vs single device "
+             "| val loss | resume check |", "|---|---|---|---|---|---|---|"]
+    for name, r in results.items():
+        common = sorted(set(r["loss"]) & set(reference))
+        diff = max(abs(r["loss"][s] - reference[s]) for s in common)
+        last = r["loss"][max(r["loss"])]
+        resume = (f"max rel diff {r['resume_max_rel_diff']:.2e} over steps >= {args.resume_at}"
+                  if "resume_max_rel_diff" in r else "")
+        lines.append(f"| {name} | {r['tokens_per_sec']:,.0f} | {r['peak_gib']:.1f} | {last:.4f} | {diff:.4f} "
+                     f"| {r['val_loss']:.4f} | {resume} |")
+    table = "\n".join(lines)
+    print(table)
+    (Path(args.out) / "zero_stages.md").write_text(table + "\n")
+    (Path(args.out) / "zero_stages_losses.json").write_text(json.dumps(
+        {name: {str(k): v for k, v in r["loss"].items()} for name, r in results.items()}))
+
+
+if __name__ == "__main__":
+    main()

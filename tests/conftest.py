@@ -1,0 +1,48 @@
+"""Shared fixtures: a small real corpus, a sentencepiece tokenizer and prepared shards, made once per session."""
+
+from __future__ import annotations
+
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+WORDS = ("the king queen lord lady sword crown night day love death fair foul speak hear thou thee thy "
+         "doth hath shall will not what where when why how good ill sweet sour heaven earth fire water").split()
+
+
+def write_corpus(folder: Path, n_docs: int = 400, seed: int = 0) -> Path:
+    """Documents of pseudo-verse with enough structure for a model to learn quickly."""
+    rng = random.Random(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    for shard in range(4):
+        lines = []
+        for _ in range(n_docs // 4):
+            n_lines = rng.randint(2, 8)
+            doc = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(4, 9))).capitalize() + "."
+                   for _ in range(n_lines)]
+            lines.append("\n".join(doc))
+        (folder / f"part{shard}.txt").write_text("\n\n".join(lines) + "\n")
+    return folder
+
+
+def llmtrain(*args: str, cwd: Path | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
+    """Runs the real console entry point in a subprocess and fails with its output if it fails."""
+    result = subprocess.run([sys.executable, "-m", "llmtrain.cli", *args], cwd=cwd, capture_output=True,
+                            text=True, timeout=timeout)
+    if result.returncode != 0:
+        raise AssertionError(f"llmtrain {' '.join(args)} failed ({result.returncode}):\n"
+                             f"{result.stdout[-3000:]}\n{result.stderr[-6000:]}")
+    return result
+
+
+@pytest.fixture(scope="session")
+def prepared_corpus(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("corpus")
+    texts = write_corpus(root / "texts")
+    llmtrain("tokenizer", "train", "--input", str(texts), "--vocab_size", "320", "--output", str(root / "tok"))
+    llmtrain("prepare", "--source", str(texts), "--tokenizer", str(root / "tok"), "--output", str(root / "shards"),
+             "--val_fraction", "0.05")
+    return {"texts": texts, "tokenizer": root / "tok", "shards": root / "shards"}

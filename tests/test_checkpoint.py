@@ -1,0 +1,365 @@
+"""llmtrain.checkpoint: ZeRO / single-file conversion and Hugging Face Llama export, checked against
+transformers' LlamaForCausalLM (logits) and against the DeepSpeed engine's own fp32 weights."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import sys
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, Optional
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from llmtrain.checkpoint import (CheckpointError, convert_checkpoint, convert_main, export_hf, export_main,
+                                 llama_incompatibilities)
+from llmtrain.model import Decoder, ModelConfig
+from llmtrain.training.module import LanguageModel, load_decoder
+from tests.conftest import write_corpus
+
+REPO = Path(__file__).resolve().parents[1]
+TINY: dict[str, Any] = dict(vocab_size=128, max_seq_len=64, d_model=64, n_layer=2, n_head=4, n_kv_head=2,
+                            ffn_multiple_of=32, rope_theta=500.0, norm_eps=1e-6)
+
+
+def tiny(**overrides: Any) -> ModelConfig:
+    """d_model 64, 2 layers, 4 query heads sharing 2 kv heads (GQA), vocab 128; Llama recipe otherwise."""
+    return ModelConfig(**{**TINY, **overrides})
+
+
+def llmtrain_state(tokenizer: Optional[str] = None) -> dict[str, Any]:
+    """The `llmtrain` entry as LanguageModel.on_save_checkpoint writes it."""
+    return {"tokens_seen": 1024, "run_config": "model: {}\n", "tokenizer": tokenizer,
+            "rng": {"torch": torch.get_rng_state(), "python": random.getstate()[1], "cuda": []}}
+
+
+def save_lightning_style(path: Path, model: Decoder, tokenizer: Optional[str] = None) -> Path:
+    """A single-file checkpoint shaped like Lightning's (with an optimizer state to be dropped)."""
+    optimizer = torch.optim.AdamW(model.parameters())
+    model(torch.zeros(1, 4, dtype=torch.long)).sum().backward()
+    optimizer.step()
+    optimizer.zero_grad()
+    checkpoint = {
+        "epoch": 0, "global_step": 1, "pytorch-lightning_version": "2.6.6",
+        "state_dict": {f"model.{k}": v for k, v in model.state_dict().items()},
+        "loops": {"fit_loop": {"state_dict": {}}}, "callbacks": {}, "lr_schedulers": [],
+        "optimizer_states": [optimizer.state_dict()],
+        "hparams_name": "kwargs",
+        "hyper_parameters": {"config": asdict(model.config), "z_loss_coef": 1e-4},
+        "llmtrain": llmtrain_state(tokenizer),
+    }
+    torch.save(checkpoint, path)
+    return path
+
+
+def random_decoder(config: ModelConfig, seed: int = 0) -> Decoder:
+    torch.manual_seed(seed)
+    model = Decoder(config)
+    with torch.no_grad():  # norms away from 1, so a swapped norm weight would show in the logits
+        for name, param in model.named_parameters():
+            if name.endswith("norm.weight"):
+                param.uniform_(0.5, 1.5)
+    return model.eval()
+
+
+# ----------------------------------------------------------------------------------------------- HF export
+
+
+@pytest.mark.parametrize("tie", [False, True], ids=["untied", "tied"])
+def test_export_hf_logits_match_transformers_llama(tmp_path: Path, tie: bool) -> None:
+    from transformers import LlamaForCausalLM
+
+    model = random_decoder(tiny(tie_embeddings=tie))
+    src = save_lightning_style(tmp_path / "model.ckpt", model)
+    with pytest.warns(UserWarning, match="records no tokenizer"):
+        out = export_hf(str(src), str(tmp_path / "hf"))
+
+    weights = load_file(out / "model.safetensors")
+    assert ("lm_head.weight" in weights) is not tie
+    assert {"model.embed_tokens.weight", "model.norm.weight", "model.layers.1.self_attn.k_proj.weight",
+            "model.layers.1.post_attention_layernorm.weight", "model.layers.0.mlp.gate_proj.weight"} <= set(weights)
+    assert all(t.dtype == torch.float32 for t in weights.values())
+    config = json.loads((out / "config.json").read_text())
+    assert config["num_key_value_heads"] == 2 and config["head_dim"] == 16 and config["tie_word_embeddings"] is tie
+    assert config["rope_parameters"]["rope_theta"] == 500.0 and config["rms_norm_eps"] == 1e-6
+
+    hf = LlamaForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    input_ids = torch.randint(0, 128, (2, 48), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ours = model(input_ids)
+        theirs = hf(input_ids).logits
+    diff = (ours - theirs).abs().max().item()
+    print(f"max |logits diff| ({'tied' if tie else 'untied'}): {diff:.3g}")
+    assert diff <= 1e-4
+
+
+def test_export_writes_tokenizer_that_transformers_loads(tmp_path: Path) -> None:
+    import sentencepiece as spm
+    from transformers import AutoTokenizer
+
+    texts = write_corpus(tmp_path / "texts", n_docs=40)
+    (tmp_path / "tok").mkdir()
+    spm.SentencePieceTrainer.train(input=[str(p) for p in sorted(texts.glob("*.txt"))], vocab_size=100,
+                                   model_prefix=str(tmp_path / "tok" / "tokenizer"), model_type="bpe",
+                                   byte_fallback=False, minloglevel=2)
+    sp = spm.SentencePieceProcessor(model_file=str(tmp_path / "tok" / "tokenizer.model"))
+    # The checkpoint records a tokenizer folder that no longer exists; --tokenizer overrides it.
+    src = save_lightning_style(tmp_path / "model.ckpt", random_decoder(tiny()), tokenizer=str(tmp_path / "gone"))
+    with pytest.raises(FileNotFoundError, match="pass --tokenizer"):
+        export_hf(str(src), str(tmp_path / "hf"))
+    assert export_main([str(src), "--format", "hf", "--out", str(tmp_path / "hf"),
+                        "--tokenizer", str(tmp_path / "tok")]) == 0
+
+    out = tmp_path / "hf"
+    assert (out / "tokenizer.model").read_bytes() == (tmp_path / "tok" / "tokenizer.model").read_bytes()
+    config = json.loads((out / "config.json").read_text())
+    assert (config["bos_token_id"], config["eos_token_id"]) == (sp.bos_id(), sp.eos_id())
+    hf_tokenizer = AutoTokenizer.from_pretrained(out)
+    text = "The king doth speak."
+    assert hf_tokenizer.encode(text, add_special_tokens=False) == sp.encode(text)
+    assert hf_tokenizer.decode(sp.encode(text)) == text
+
+
+def test_export_refuses_non_llama_architectures_naming_every_field(tmp_path: Path) -> None:
+    config = tiny(norm="layernorm", norm_position="post", position="alibi", ffn="gelu", bias=True, qk_norm=True,
+                  attn_logit_softcap=50.0, final_logit_softcap=30.0)
+    src = save_lightning_style(tmp_path / "model.ckpt", random_decoder(config))
+    with pytest.raises(ValueError) as error:
+        export_hf(str(src), str(tmp_path / "hf"))
+    message = str(error.value)
+    for field in ("norm='layernorm'", "norm_position='post'", "position='alibi'", "ffn='gelu'", "bias=True",
+                  "qk_norm=True", "attn_logit_softcap=50.0", "final_logit_softcap=30.0"):
+        assert field in message
+    assert "Llama needs 'pre'" in message and "Llama needs 'swiglu'" in message
+    assert not (tmp_path / "hf").exists()
+
+
+@pytest.mark.parametrize("override, field", [
+    (dict(norm_position="post"), "norm_position='post'"),
+    (dict(norm_position="sandwich"), "norm_position='sandwich'"),
+    (dict(position="alibi"), "position='alibi'"),
+    (dict(position="learned"), "position='learned'"),
+    (dict(ffn="gelu"), "ffn='gelu'"),
+    (dict(ffn="geglu"), "ffn='geglu'"),
+    (dict(bias=True), "bias=True"),
+    (dict(d_model=66, head_dim=16), "d_model=66 with n_head=4"),
+])
+def test_each_incompatibility_is_named_alone(override: dict[str, Any], field: str) -> None:
+    problems = llama_incompatibilities(tiny(**override))
+    assert len(problems) == 1 and problems[0].startswith(field)
+    assert llama_incompatibilities(tiny()) == []
+
+
+def test_export_refuses_a_non_empty_output_folder(tmp_path: Path) -> None:
+    src = save_lightning_style(tmp_path / "model.ckpt", random_decoder(tiny()))
+    (tmp_path / "hf").mkdir()
+    (tmp_path / "hf" / "keep.txt").write_text("mine")
+    assert export_main([str(src), "--out", str(tmp_path / "hf")]) == 1
+    assert os.listdir(tmp_path / "hf") == ["keep.txt"]
+
+
+# ----------------------------------------------------------------------------------- single-file conversion
+
+
+def fit_two_steps(path: Path) -> torch.nn.Module:
+    """A real Lightning checkpoint: 2 optimizer steps of LanguageModel on CPU, saved by the Trainer."""
+    import lightning.pytorch as pl
+
+    torch.manual_seed(0)
+    data = [{"input_ids": torch.randint(0, 128, (2, 16)), "labels": torch.randint(0, 128, (2, 16))}
+            for _ in range(2)]
+    module = LanguageModel(tiny(), optim={"warmup_steps": 1, "total_steps": 2})
+    trainer = pl.Trainer(accelerator="cpu", devices=1, max_steps=2, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(module, train_dataloaders=torch.utils.data.DataLoader(data, batch_size=None))
+    trainer.save_checkpoint(path)
+    return module.model
+
+
+def test_convert_single_file_drops_optimizer_and_loads_weights_only(tmp_path: Path) -> None:
+    model = fit_two_steps(tmp_path / "run.ckpt")
+    original = torch.load(tmp_path / "run.ckpt", weights_only=True)
+    assert original["optimizer_states"]  # there was something to drop
+
+    assert convert_main([str(tmp_path / "run.ckpt"), str(tmp_path / "out" / "model.ckpt")]) == 0
+    converted = torch.load(tmp_path / "out" / "model.ckpt", weights_only=True)
+    assert "optimizer_states" not in converted and "lr_schedulers" not in converted and "loops" not in converted
+    assert converted["hyper_parameters"] == original["hyper_parameters"]
+    assert converted["llmtrain"]["tokens_seen"] == original["llmtrain"]["tokens_seen"]
+    assert converted["converted_from"]["format"] == "lightning"
+    assert not list((tmp_path / "out").glob(".tmp.*"))
+
+    decoder, _ = load_decoder(str(tmp_path / "out" / "model.ckpt"))
+    for key, value in model.state_dict().items():
+        assert torch.equal(decoder.state_dict()[key], value), key
+    reloaded = LanguageModel.load_from_checkpoint(tmp_path / "out" / "model.ckpt", weights_only=True)
+    assert torch.equal(reloaded.model.tok_embeddings.weight, model.tok_embeddings.weight)
+
+
+def test_convert_makes_bf16_weights_fp32(tmp_path: Path) -> None:
+    model = random_decoder(tiny())
+    src = save_lightning_style(tmp_path / "model.ckpt", model.to(torch.bfloat16))
+    decoder, checkpoint = load_decoder(str(convert_checkpoint(str(src), str(tmp_path / "fp32.ckpt"))))
+    assert all(v.dtype == torch.float32 for v in checkpoint["state_dict"].values())
+    assert torch.equal(decoder.tok_embeddings.weight, model.tok_embeddings.weight.float())
+
+
+class NotAllowed:
+    """A pickled object: a checkpoint holding one cannot be loaded with weights_only=True."""
+
+
+@pytest.mark.parametrize("make, error, match", [
+    (lambda p: p, FileNotFoundError, "no such file or folder"),
+    (lambda p: (p.mkdir(), p)[1], CheckpointError, "not a DeepSpeed checkpoint: no 'latest' file"),
+    (lambda p: (p.write_text("hello"), p)[1], CheckpointError, "not a Lightning checkpoint"),
+    (lambda p: (torch.save({"w": torch.ones(2)}, p), p)[1], CheckpointError, "no 'state_dict' entry"),
+    (lambda p: (torch.save({"state_dict": {}, "x": NotAllowed()}, p), p)[1], CheckpointError,
+     "weights_only=True.*NotAllowed"),
+    (lambda p: (torch.save({"state_dict": {}, "hyper_parameters": {}}, p), p)[1], CheckpointError,
+     r"no hyper_parameters\['config'\]"),
+], ids=["missing", "plain-folder", "text-file", "plain-state-dict", "pickled-object", "no-config"])
+def test_convert_refuses_bad_inputs_clearly(tmp_path: Path, make, error: type, match: str) -> None:
+    src = make(tmp_path / "bad.ckpt")
+    with pytest.raises(error, match=match):
+        convert_checkpoint(str(src), str(tmp_path / "out.ckpt"))
+    assert not (tmp_path / "out.ckpt").exists()
+
+
+def test_convert_refuses_weights_that_do_not_fit_the_config(tmp_path: Path, capsys) -> None:
+    src = save_lightning_style(tmp_path / "model.ckpt", random_decoder(tiny()))
+    checkpoint = torch.load(src, weights_only=True)
+    checkpoint["hyper_parameters"]["config"]["vocab_size"] = 256
+    torch.save(checkpoint, src)
+    assert convert_main([str(src), str(tmp_path / "out.ckpt")]) == 1
+    err = capsys.readouterr().err
+    assert "model.tok_embeddings.weight: weights (128, 64) vs config (256, 64)" in err
+    assert "model.lm_head.weight: weights (128, 64) vs config (256, 64)" in err
+
+
+# ------------------------------------------------------------------------------------------ ZeRO conversion
+
+# Trains LanguageModel 2 steps under deepspeed.initialize on CPU (gloo) and saves the way Lightning's
+# DeepSpeedStrategy.save_checkpoint does: engine.save_checkpoint(tag="checkpoint") with the Lightning
+# checkpoint minus state_dict/optimizer_states as client state. Rank 0 also saves the engine's fp32 weights.
+ZERO_SCRIPT = r"""
+import json, os, random, sys
+from dataclasses import asdict
+import torch, deepspeed
+from llmtrain.model import ModelConfig
+from llmtrain.training.module import LanguageModel
+
+stage, folder, reference = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+config, bf16 = json.loads(sys.argv[4]), sys.argv[5] == "bf16"
+torch.manual_seed(0)
+module = LanguageModel(ModelConfig(**config))
+ds_config = {"train_micro_batch_size_per_gpu": 2, "zero_optimization": {"stage": stage}, "bf16": {"enabled": bf16},
+             "optimizer": {"type": "AdamW", "params": {"lr": 1e-2, "torch_adam": True}}}
+init = deepspeed.zero.Init(config_dict_or_path=ds_config) if stage == 3 else torch.device("cpu")
+with init:
+    module.configure_model()
+engine, *_ = deepspeed.initialize(model=module, model_parameters=module.parameters(), config=ds_config)
+rank = int(os.environ["RANK"])
+for step in range(2):
+    ids = torch.randint(0, module.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(10 * step + rank))
+    loss = torch.nn.functional.cross_entropy(engine(ids).flatten(0, 1), ids.flatten())
+    engine.backward(loss)
+    engine.step()
+client_state = {
+    "epoch": 0, "global_step": 2, "pytorch-lightning_version": "2.6.6",
+    "loops": {"fit_loop": {"state_dict": {}, "epoch_loop.state_dict": {"_batches_that_stepped": 2}}},
+    "callbacks": {}, "lr_schedulers": [], "hparams_name": "kwargs", "hyper_parameters": dict(module.hparams),
+    "llmtrain": {"tokens_seen": 64, "run_config": None, "tokenizer": None,
+                 "rng": {"torch": torch.get_rng_state(), "python": random.getstate()[1], "cuda": []}},
+}
+engine.save_checkpoint(folder, client_state=client_state, tag="checkpoint")
+with deepspeed.zero.GatheredParameters(list(module.parameters())):
+    weights = {k: v.detach().clone() for k, v in module.state_dict().items()}
+if rank == 0:
+    torch.save(weights, reference)
+"""
+
+
+def zero_checkpoint(tmp_path: Path, stage: int, world_size: int, config: ModelConfig,
+                    precision: str = "fp32") -> tuple[Path, dict]:
+    """A real ZeRO checkpoint folder written by `world_size` DeepSpeed processes, and the engine's module weights
+    (the fp32 master weights themselves with precision fp32, their bf16 copy with bf16)."""
+    script = tmp_path / "zero_save.py"
+    script.write_text(ZERO_SCRIPT)
+    folder, reference = tmp_path / f"zero{stage}.ckpt", tmp_path / "engine_weights.pt"
+    port = str(29500 + random.Random().randrange(2000))
+    procs = []
+    for rank in range(world_size):
+        env = {**os.environ, "DS_ACCELERATOR": "cpu", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port,
+               "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world_size),
+               "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+        fields = {k: getattr(config, k) for k in TINY} | {"tie_embeddings": config.tie_embeddings}
+        procs.append(subprocess.Popen(
+            [sys.executable, str(script), str(stage), str(folder), str(reference), json.dumps(fields), precision],
+            env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    outputs = [p.communicate(timeout=300)[0] for p in procs]
+    for p, output in zip(procs, outputs):
+        assert p.returncode == 0, output[-4000:]
+    return folder, torch.load(reference, weights_only=True)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage, world_size", [(1, 1), (2, 1), (3, 1), (2, 2), (3, 2)])
+def test_convert_zero_folder_gives_the_engine_fp32_weights(tmp_path: Path, stage: int, world_size: int) -> None:
+    folder, engine_weights = zero_checkpoint(tmp_path, stage, world_size, tiny())
+    assert (folder / "checkpoint").is_dir() and (folder / "latest").read_text().strip() == "checkpoint"
+
+    out = convert_checkpoint(str(folder), str(tmp_path / "model.ckpt"))
+    checkpoint = torch.load(out, weights_only=True)
+    assert checkpoint["converted_from"]["zero_stage"] == stage
+    assert checkpoint["converted_from"]["world_size"] == world_size
+    assert checkpoint["hyper_parameters"]["config"] == asdict(tiny())
+    assert checkpoint["llmtrain"]["tokens_seen"] == 64 and "loops" not in checkpoint
+    decoder, _ = load_decoder(str(out))
+    state = decoder.state_dict()
+    assert set(state) == {k.removeprefix("model.") for k in engine_weights}
+    for key, value in engine_weights.items():
+        assert torch.equal(state[key.removeprefix("model.")], value), key
+
+
+@pytest.mark.slow
+def test_convert_zero_bf16_gives_the_fp32_master_weights(tmp_path: Path) -> None:
+    folder, engine_weights = zero_checkpoint(tmp_path, 2, 1, tiny(), precision="bf16")
+    decoder, _ = load_decoder(str(convert_checkpoint(str(folder), str(tmp_path / "model.ckpt"))))
+    state = decoder.state_dict()
+    for key, value in engine_weights.items():
+        assert value.dtype == torch.bfloat16
+        master = state[key.removeprefix("model.")]
+        assert master.dtype == torch.float32 and torch.equal(master.bfloat16(), value), key  # bf16 = rounded master
+    # ...and they are the master weights, not the bf16 copy cast back: they hold bits that bf16 drops.
+    assert any(not torch.equal(state[k.removeprefix("model.")], v.float()) for k, v in engine_weights.items())
+
+
+@pytest.mark.slow
+def test_export_from_zero_folder_matches_llama(tmp_path: Path) -> None:
+    from transformers import LlamaForCausalLM
+
+    folder, engine_weights = zero_checkpoint(tmp_path, 3, 1, tiny(tie_embeddings=True))
+    with pytest.warns(UserWarning, match="records no tokenizer"):
+        out = export_hf(str(folder), str(tmp_path / "hf"))
+    decoder = Decoder(tiny(tie_embeddings=True))
+    decoder.load_state_dict({k.removeprefix("model."): v for k, v in engine_weights.items()})
+    hf = LlamaForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    input_ids = torch.randint(0, 128, (1, 32), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        assert (decoder.eval()(input_ids) - hf(input_ids).logits).abs().max().item() <= 1e-4
+
+
+def test_convert_refuses_the_tag_folder_with_a_hint(tmp_path: Path) -> None:
+    tag = tmp_path / "run.ckpt" / "checkpoint"
+    tag.mkdir(parents=True)
+    (tag / "mp_rank_00_model_states.pt").write_bytes(b"")
+    with pytest.raises(CheckpointError, match="pass its parent"):
+        convert_checkpoint(str(tag), str(tmp_path / "out.ckpt"))
+    (tmp_path / "run.ckpt" / "latest").write_text("checkpoint")
+    with pytest.raises(CheckpointError, match=r"no \*_optim_states.pt"):
+        convert_checkpoint(str(tmp_path / "run.ckpt"), str(tmp_path / "out.ckpt"))
