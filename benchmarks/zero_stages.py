@@ -29,7 +29,7 @@ STRATEGIES = {
 def fit(name: str, extra: list[str], args: argparse.Namespace, steps: int, *more: str) -> float:
     cmd = [sys.executable, "-m", "llmtrain.cli", "fit", "--config", args.config, *extra,
            "--trainer.max_steps", str(steps), "--model.optim.total_steps", str(args.steps),
-           "--model.optim.warmup_steps", "20", "--trainer.val_check_interval", str(args.steps),
+           "--model.optim.warmup_steps", str(min(20, args.steps // 2)), "--trainer.val_check_interval", str(args.steps),
            "--trainer.limit_val_batches", "10", "--trainer.log_every_n_steps", "1",
            "--trainer.enable_progress_bar", "false",
            "--trainer.logger.init_args.save_dir", str(args.runs), "--trainer.logger.init_args.name", name,

@@ -89,7 +89,7 @@ def _tool(name: str) -> Callable[[list[str]], int]:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
+    given, argv = argv, sys.argv[1:] if argv is None else argv
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if _has_cuda() else "cpu")
     if argv and argv[0] in TOOL_COMMANDS:
         return _tool(argv[0])(argv[1:])
@@ -97,7 +97,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         commands = ", ".join((*LIGHTNING_COMMANDS, *TOOL_COMMANDS))
         print(f"llmtrain: unknown command {argv[0]!r}; commands: {commands}", file=sys.stderr)
         return 2
-    run_lightning(argv)
+    run_lightning(given)  # None: LightningCLI reads sys.argv itself (and warns if given both)
     return 0
 
 

@@ -102,6 +102,29 @@ class LanguageModel(pl.LightningModule):
         self.log("train/tokens", float(self.tokens_seen))
         return loss
 
+    def configure_gradient_clipping(self, optimizer: torch.optim.Optimizer,
+                                    gradient_clip_val: Optional[Union[int, float]] = None,
+                                    gradient_clip_algorithm: Optional[str] = None) -> None:
+        """Clips by global norm and logs that norm (train/grad_norm) from the same pass over the gradients.
+
+        Replaces Lightning's clipping, which refuses torch's fused AdamW under bf16-mixed (it assumes a grad
+        scaler that bf16 does not use). Under DDP the gradients are already all-reduced here, so the norm is
+        global. DeepSpeed clips inside its engine and does not call this hook (see on_train_batch_end).
+        """
+        if gradient_clip_algorithm == "value":
+            torch.nn.utils.clip_grad_value_(self.parameters(), gradient_clip_val)
+            return
+        max_norm = float(gradient_clip_val) if gradient_clip_val else float("inf")
+        norm = torch.nn.utils.clip_grad_norm_(self.parameters(), max_norm, foreach=True)
+        self.log("train/grad_norm", norm)
+
+    def on_train_batch_end(self, outputs: Any, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        engine = getattr(self.trainer.strategy, "deepspeed_engine", None)
+        if engine is not None:
+            norm = engine.get_global_grad_norm()  # the last norm DeepSpeed's own clipping pass computed
+            if norm is not None:
+                self.log("train/grad_norm", float(norm))
+
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         ce, _ = self._loss_fn(batch)
         self.log("val/loss", ce, sync_dist=True, prog_bar=True)

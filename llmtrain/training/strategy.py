@@ -87,6 +87,12 @@ class ZeroStrategy(DeepSpeedStrategy):
                              offload_parameters)
         super().__init__(config=config, logging_level=logging_level)
 
+    def _auto_select_batch_size(self) -> int:
+        # Lightning reads batch_sampler.batch_size, which an iterable DataLoader (ours) does not have.
+        datamodule = self.lightning_module.trainer.datamodule
+        micro_batch_size = getattr(datamodule, "micro_batch_size", None)
+        return micro_batch_size if micro_batch_size is not None else super()._auto_select_batch_size()
+
     def save_checkpoint(self, checkpoint: dict, filepath: Any, storage_options: Optional[Any] = None) -> None:
         final = Path(self.broadcast(str(filepath)))
         staging = final.with_name(f".tmp.{final.name}")

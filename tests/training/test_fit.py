@@ -39,7 +39,7 @@ def test_fit_writes_tensorboard_config_and_safe_checkpoints(prepared_corpus, tmp
     llmtrain(*fit_args(prepared_corpus, tmp_path, "run", 8))
     run = tmp_path / "run"
     scalars = read_scalars(run)
-    for tag in ("train/loss", "train/ce_loss", "train/z_loss", "train/lr", "train/tokens", "val/loss", "val/ppl",
+    for tag in ("train/loss", "train/ce_loss", "train/z_loss", "train/lr", "train/grad_norm", "train/tokens", "val/loss", "val/ppl",
                 "val/bpb"):
         assert tag in scalars, f"{tag} not logged; have {sorted(scalars)}"
     assert scalars["train/tokens"][7] == 8 * 4 * 32  # global tokens after 8 steps of 4 x 32

@@ -1,0 +1,51 @@
+import pytest
+import torch
+
+from llmtrain.model import ConfigError, ModelConfig
+from llmtrain.training.module import LanguageModel, check_compatible
+
+TINY = dict(vocab_size=64, max_seq_len=16, d_model=32, n_layer=2, n_head=2)
+
+
+def make_module(**kwargs) -> LanguageModel:
+    module = LanguageModel(ModelConfig(**TINY), **kwargs)
+    module.configure_model()
+    return module
+
+
+def test_gradient_clipping_bounds_the_global_norm_and_reports_the_unclipped_one(monkeypatch):
+    module = make_module()
+    logged = {}
+    monkeypatch.setattr(module, "log", lambda name, value, **kw: logged.__setitem__(name, value))
+    for p in module.parameters():
+        p.grad = torch.full_like(p, 3.0)
+    expected = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in module.parameters()]))
+    module.configure_gradient_clipping(None, gradient_clip_val=1.0, gradient_clip_algorithm="norm")
+    clipped = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in module.parameters()]))
+    torch.testing.assert_close(logged["train/grad_norm"], expected)
+    assert clipped == pytest.approx(1.0, rel=1e-4)
+
+
+def test_no_clip_value_still_reports_the_norm_and_leaves_gradients(monkeypatch):
+    module = make_module()
+    logged = {}
+    monkeypatch.setattr(module, "log", lambda name, value, **kw: logged.__setitem__(name, value))
+    for p in module.parameters():
+        p.grad = torch.ones_like(p)
+    module.configure_gradient_clipping(None, gradient_clip_val=None)
+    n = sum(p.numel() for p in module.parameters())
+    assert logged["train/grad_norm"].item() == pytest.approx(n ** 0.5, rel=1e-5)
+    assert all(torch.equal(p.grad, torch.ones_like(p)) for p in module.parameters())
+
+
+def test_checkpoint_of_another_shape_is_refused_naming_every_mismatch():
+    saved = {**ModelConfig(**TINY).__dict__, "d_model": 64, "vocab_size": 128}
+    with pytest.raises(ConfigError, match=r"vocab_size: checkpoint 128 vs config 64.*d_model: checkpoint 64"):
+        check_compatible(saved, ModelConfig(**TINY))
+
+
+def test_invalid_training_switches_are_refused():
+    with pytest.raises(ConfigError, match="z_loss_coef"):
+        LanguageModel(ModelConfig(**TINY), z_loss_coef=-1.0)
+    with pytest.raises(ConfigError, match="compile"):
+        LanguageModel(ModelConfig(**TINY), compile="everything")
