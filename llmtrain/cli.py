@@ -97,8 +97,19 @@ def main(argv: Optional[list[str]] = None) -> int:
         commands = ", ".join((*LIGHTNING_COMMANDS, *TOOL_COMMANDS))
         print(f"llmtrain: unknown command {argv[0]!r}; commands: {commands}", file=sys.stderr)
         return 2
-    run_lightning(given)  # None: LightningCLI reads sys.argv itself (and warns if given both)
+    try:
+        run_lightning(given)  # None: LightningCLI reads sys.argv itself (and warns if given both)
+    finally:
+        _destroy_process_group()
     return 0
+
+
+def _destroy_process_group() -> None:
+    """Without this, gloo ranks abort at interpreter exit ~40% of the time (measured: 5 of 12 bare 2-task jobs)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def _has_cuda() -> bool:

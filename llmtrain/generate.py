@@ -65,9 +65,8 @@ def main(argv: list[str]) -> int:
 
     model, checkpoint = load_decoder(args.ckpt)
     tokenizer = load_tokenizer(_tokenizer_dir(checkpoint, args.tokenizer))
-    prompt_ids = ([tokenizer.bos_id] if tokenizer.bos_id is not None and tokenizer.bos_id >= 0 else [])
-    prompt_ids += tokenizer.encode(args.prompt)
-    prompt_ids = prompt_ids or [tokenizer.eos_id]  # an empty prompt starts a new document
+    # Training packs documents as `tokens EOS` (BOS only with data.add_bos): EOS is what precedes a document.
+    prompt_ids = [tokenizer.eos_id] + tokenizer.encode(args.prompt)
     generator = torch.Generator().manual_seed(args.seed)
     new_ids = sample(model, prompt_ids, args.max_new_tokens, args.temperature, args.top_k or None,
                      tokenizer.eos_id, generator)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import warnings
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import pytest
 import torch
@@ -13,6 +13,16 @@ from llmtrain.model import attention
 from llmtrain.model.config import ModelConfig
 
 TINY: dict[str, Any] = dict(vocab_size=64, max_seq_len=32, d_model=32, n_layer=2, n_head=4, ffn_multiple_of=16)
+
+
+@pytest.fixture(autouse=True)
+def one_thread() -> Iterator[None]:
+    """These tensors are tiny: a second intra-op thread only adds OpenMP spin-waiting, which costs 2-3x wall
+    time when other processes load the cores. Restored after each test."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture

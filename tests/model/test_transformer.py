@@ -139,11 +139,9 @@ def test_switch_changes_the_computation(tiny, switch: str) -> None:
     (or, for biases, which start at zero, the parameter count)."""
     base = build(tiny(init_std=0.3))
     flipped = build(tiny(init_std=0.3, **SWITCHES[switch]))
-    base_state = base.state_dict()
-    flipped.load_state_dict({n: t for n, t in flipped.state_dict().items()
-                             if n not in base_state or base_state[n].shape != t.shape} | {
-                             n: base_state[n] for n, t in flipped.state_dict().items()
-                             if n in base_state and base_state[n].shape == t.shape})
+    state = flipped.state_dict()
+    state.update({n: t for n, t in base.state_dict().items() if n in state and state[n].shape == t.shape})
+    flipped.load_state_dict(state)
     n_base, n_flipped = (sum(p.numel() for p in m.parameters()) for m in (base, flipped))
     x = tokens()
     with torch.no_grad():

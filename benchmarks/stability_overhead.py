@@ -1,0 +1,236 @@
+"""Cost of the stability callbacks: the same short `llmtrain fit` with and without them; and, with --parity, the
+values they log under the plain strategy and DeepSpeed ZeRO-1/2/3.
+
+Run through the device tool (docs/stability.md has the exact commands), e.g.:
+    python benchmarks/stability_overhead.py --data_dir .gpu_data/shards \
+        --configs configs/llama-124m.yaml configs/llama-350m.yaml --steps 300 --out $OUT
+    python benchmarks/stability_overhead.py --data_dir .gpu_data/shards --parity --steps 60 --out $OUT
+CPU smoke test at a tiny size (makes its own corpus):
+    python benchmarks/stability_overhead.py --tiny --out /tmp/stability_overhead
+
+Overhead: every run is a real `llmtrain fit` in a subprocess, from the same seed and data, with the config's
+default callback intervals, validation and checkpoint saving off. Step time comes from Throughput's tokens/s
+windows after --skip_steps (compile and allocator warm-up): mean step time = tokens per step * mean(1 / tokens/s),
+so every window weighs the same whether or not it holds a monitored step. Runs alternate with/without
+--repeats times; the table gives each pair and the median ratio.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+from llmtrain.events import read_scalars  # noqa: E402
+
+STABILITY_CALLBACKS = ("LogitMonitor", "AttentionMonitor", "WeightMonitor", "SpikeDetector")
+MONITORS = STABILITY_CALLBACKS[:3]
+ZERO_CONFIGS = {"ZeRO-1": "configs/deepspeed/zero1.yaml", "ZeRO-2": "configs/deepspeed/zero2.yaml",
+                "ZeRO-3": "configs/deepspeed/zero3.yaml"}
+# The tiny CPU size: a model and corpus that train in seconds.
+TINY_MODEL = ["--trainer.accelerator", "cpu", "--trainer.devices", "1", "--trainer.precision", "32-true",
+              "--model.config.vocab_size", "320", "--model.config.d_model", "64", "--model.config.n_layer", "2",
+              "--model.config.n_head", "2", "--model.config.max_seq_len", "64", "--model.compile", "off",
+              "--data.seq_len", "64", "--data.micro_batch_size", "8", "--data.num_workers", "0"]
+TINY_WORDS = ("the king queen lord lady sword crown night day love death fair foul speak hear thou thee thy doth "
+              "hath shall will not what where when why how good ill sweet sour heaven earth fire water").split()
+
+
+def callback_name(entry: dict) -> str:
+    return entry["class_path"].rsplit(".", 1)[-1]
+
+
+def write_config(source: str, out: Path, stability: bool, every: Optional[int], steps: int,
+                 spike_action: Optional[str] = None, spike_warmup: Optional[int] = None) -> Path:
+    """`source` with (or without) the stability callbacks, monitors every `every` steps if given, checkpoints
+    only at the end, Throughput windows of 10 steps."""
+    config = yaml.safe_load((REPO / source).read_text())
+    callbacks = []
+    for entry in config["trainer"].get("callbacks") or []:
+        name = callback_name(entry)
+        entry.setdefault("init_args", {})
+        if name in STABILITY_CALLBACKS and not stability:
+            continue
+        if name in MONITORS and every is not None:
+            entry["init_args"]["every_n_steps"] = every
+        if name == "SpikeDetector" and spike_action is not None:
+            entry["init_args"]["action"] = spike_action
+        if name == "SpikeDetector" and spike_warmup is not None:
+            entry["init_args"]["warmup_steps"] = spike_warmup
+        if name == "PeriodicCheckpoint":
+            entry["init_args"].update(every_n_steps=steps, every_minutes=None)
+        if name == "Throughput":
+            entry["init_args"].update(window=10, warmup_steps=2)
+        callbacks.append(entry)
+    if stability and not any(callback_name(e) in STABILITY_CALLBACKS for e in callbacks):
+        raise SystemExit(f"{source} has no stability callbacks under trainer.callbacks")
+    config["trainer"]["callbacks"] = callbacks
+    out.write_text(yaml.safe_dump(config, sort_keys=False))
+    return out
+
+
+def llmtrain(args: list[str], log: Path) -> float:
+    """Runs `llmtrain ARGS` (output appended to `log`); returns its wall time; exits on failure."""
+    cmd = [sys.executable, "-m", "llmtrain.cli", *args]
+    start = time.time()
+    with open(log, "a") as f:
+        f.write(f"\n$ {' '.join(cmd)}\n")
+        f.flush()
+        code = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=REPO).returncode
+    if code != 0:
+        raise SystemExit(f"llmtrain {args[0]} failed with exit code {code}; see {log}")
+    return time.time() - start
+
+
+def fit_args(config: Path, name: str, args: argparse.Namespace, *extra: str) -> list[str]:
+    return ["fit", "--config", str(config), *extra,
+            "--trainer.max_steps", str(args.steps), "--model.optim.total_steps", str(args.steps),
+            "--model.optim.warmup_steps", str(min(20, args.steps // 4)), "--trainer.limit_val_batches", "0",
+            "--trainer.log_every_n_steps", "10", "--trainer.enable_progress_bar", "false",
+            "--trainer.logger.init_args.save_dir", str(args.runs), "--trainer.logger.init_args.name", name,
+            "--data.data_dir", args.data_dir, *(["--model.config.vocab_size", str(args.vocab_size)]
+                                                 if args.vocab_size else []),
+            *(TINY_MODEL if args.tiny else [])]
+
+
+def tiny_corpus(root: Path, log: Path) -> str:
+    """A small synthetic corpus, a 320-token tokenizer and prepared shards under `root`; returns the shard folder."""
+    import random
+
+    shards = root / "shards"
+    if (shards / "metadata.json").is_file():
+        return str(shards)
+    rng = random.Random(0)
+    texts = root / "texts"
+    texts.mkdir(parents=True, exist_ok=True)
+    for part in range(4):
+        docs = ["\n".join(" ".join(rng.choice(TINY_WORDS) for _ in range(rng.randint(4, 9))).capitalize() + "."
+                          for _ in range(rng.randint(2, 8))) for _ in range(150)]
+        (texts / f"part{part}.txt").write_text("\n\n".join(docs) + "\n")
+    llmtrain(["tokenizer", "train", "--input", str(texts), "--vocab_size", "320", "--output", str(root / "tok")], log)
+    llmtrain(["prepare", "--source", str(texts), "--tokenizer", str(root / "tok"), "--output", str(shards),
+              "--val_fraction", "0.05"], log)
+    return str(shards)
+
+
+def step_time(run_dir: Path, skip_steps: int, tokens_per_step: int) -> float:
+    """Mean seconds per step over Throughput's windows after skip_steps."""
+    tps = read_scalars(run_dir).get("train/tokens_per_sec", {})
+    windows = [v for s, v in sorted(tps.items()) if s > skip_steps]
+    if not windows:
+        raise SystemExit(f"{run_dir}: no train/tokens_per_sec window after step {skip_steps}; run more --steps")
+    return tokens_per_step * statistics.fmean(1.0 / v for v in windows)
+
+
+def tokens_per_step(config_path: Path, args: argparse.Namespace) -> int:
+    config = yaml.safe_load(config_path.read_text())
+    seq = 64 if args.tiny else config["data"]["seq_len"]
+    batch = 8 if args.tiny else config["data"]["micro_batch_size"]
+    return seq * batch  # per device; the ratio is what matters
+
+
+def overhead(args: argparse.Namespace, log: Path) -> str:
+    rows = ["| config | pair | step time without (ms) | step time with (ms) | overhead |", "|---|---|---|---|---|"]
+    results = {}
+    for source in args.configs:
+        stem = Path(source).stem
+        with_cfg = write_config(source, args.out / f"{stem}_with.yaml", True, args.every, args.steps)
+        without_cfg = write_config(source, args.out / f"{stem}_without.yaml", False, None, args.steps)
+        ratios = []
+        for r in range(args.repeats):
+            order = [("with", with_cfg), ("without", without_cfg)]
+            times = {}
+            for variant, cfg in (order if r % 2 == 0 else order[::-1]):
+                name = f"{stem}_{variant}_{r}"
+                llmtrain(fit_args(cfg, name, args), log)
+                times[variant] = step_time(args.runs / name, args.skip_steps, tokens_per_step(cfg, args))
+            ratio = times["with"] / times["without"]
+            ratios.append(ratio)
+            rows.append(f"| {stem} | {r} | {times['without'] * 1e3:.1f} | {times['with'] * 1e3:.1f} "
+                        f"| {100 * (ratio - 1):+.2f}% |")
+        median = statistics.median(ratios)
+        results[stem] = {"ratios": ratios, "median_overhead_percent": 100 * (median - 1)}
+        rows.append(f"| **{stem}** | median | | | **{100 * (median - 1):+.2f}%** |")
+    (args.out / "stability_overhead.json").write_text(json.dumps(results, indent=2))
+    return "\n".join(rows)
+
+
+def parity(args: argparse.Namespace, log: Path) -> str:
+    """The stability values of the same run under the plain strategy and ZeRO-1/2/3 (monitors every step)."""
+    source = args.configs[0]
+    cfg = write_config(source, args.out / "parity.yaml", True, 1 if args.every is None else args.every, args.steps,
+                       spike_action="log")
+    devices = ["--trainer.devices", str(args.devices)]
+    plain = ["--trainer.strategy", "ddp"] if args.devices > 1 else []
+    runs = {"plain" if not plain else "DDP": plain}
+    runs.update({name: ["--config", path] for name, path in ZERO_CONFIGS.items()})
+    scalars = {}
+    for name, extra in runs.items():
+        run = f"parity_{name}"
+        llmtrain(fit_args(cfg, run, args, *extra, *devices), log)
+        scalars[name] = read_scalars(args.runs / run)
+    reference_name = next(iter(scalars))
+    reference = scalars[reference_name]
+    # One row per logit / spike tag, one per per-layer or per-parameter family (the worst of its tags).
+    families = sorted({tag if tag.split("/")[1] in ("logits", "spike") else "/".join(tag.split("/")[:2])
+                       for tag in reference if tag.startswith("stability/") and tag != "stability/spike/events"})
+    rows = [f"| tag (family) | " + " | ".join(f"max rel diff {n} vs {reference_name}" for n in list(scalars)[1:])
+            + " |", "|---|" + "---|" * (len(scalars) - 1)]
+    for family in families:
+        cells = []
+        for name in list(scalars)[1:]:
+            diffs = [abs(scalars[name][tag][s] - v) / max(abs(v), 1e-12)
+                     for tag, series in reference.items() if tag == family or tag.startswith(family + "/")
+                     for s, v in series.items() if s in scalars[name].get(tag, {})]
+            cells.append(f"{max(diffs):.2e}" if diffs else "missing")
+        rows.append(f"| {family} | " + " | ".join(cells) + " |")
+    return "\n".join(rows)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--configs", nargs="+", default=None,
+                        help="configs to measure (default: llama-124m and llama-350m; quickstart with --tiny)")
+    parser.add_argument("--data_dir", default=None, help="prepared shards (made under --out with --tiny)")
+    parser.add_argument("--vocab_size", type=int, default=None, help="model vocab size (the shards' tokenizer)")
+    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--skip_steps", type=int, default=50, help="warm-up steps left out of the step time")
+    parser.add_argument("--every", type=int, default=None, help="monitor interval (default: the config's)")
+    parser.add_argument("--repeats", type=int, default=1, help="with/without pairs per config")
+    parser.add_argument("--parity", action="store_true", help="compare values across strategies instead")
+    parser.add_argument("--devices", type=int, default=1, help="GPUs for --parity (>1: DDP vs ZeRO on N GPUs)")
+    parser.add_argument("--tiny", action="store_true", help="CPU smoke test at a tiny size")
+    parser.add_argument("--runs", type=Path, default=None, help="run folder (default: OUT/runs)")
+    parser.add_argument("--out", type=Path, default=Path("benchmark_out/stability_overhead"))
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    args.runs = args.runs or args.out / "runs"
+    log = args.out / "log.txt"
+    if args.tiny:
+        if args.parity:
+            raise SystemExit("--parity needs GPUs (DeepSpeed); it has no --tiny form")
+        args.configs = args.configs or ["configs/quickstart.yaml"]
+        args.data_dir = args.data_dir or tiny_corpus(args.out / "tiny_data", log)
+        args.vocab_size = args.vocab_size or 320
+        if args.steps == 300 and args.skip_steps == 50:
+            args.steps, args.skip_steps = 40, 10
+        args.every = args.every or 10
+    args.configs = args.configs or ["configs/llama-124m.yaml", "configs/llama-350m.yaml"]
+    if args.data_dir is None:
+        raise SystemExit("give --data_dir (prepared shards), or --tiny")
+    table = parity(args, log) if args.parity else overhead(args, log)
+    print(table)
+    (args.out / ("stability_parity.md" if args.parity else "stability_overhead.md")).write_text(table + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,176 @@
+"""Preemption: on SLURM's warning signal (or SIGTERM), save `last.ckpt` at a step boundary and requeue the job.
+
+Why not Lightning's own `SLURMEnvironment(auto_requeue=True)`: in Lightning 2.6 it saves the checkpoint *inside the
+signal handler*, i.e. after any bytecode, possibly mid-step or mid-collective (Lightning-AI/pytorch-lightning#21406:
+intermittent hangs), and writes `hpc_ckpt_N.ckpt` beside, not into, the folder that `--ckpt_path last` reads; its
+SIGTERM handler also runs a collective inside the handler. Here the handler only records the signal. At the end of
+the next optimizer step one all-reduce tells every rank, all ranks save `last.ckpt` together; at the start of the
+following batch rank 0 runs `scontrol requeue` and every rank exits. The requeued job (SLURM_RESTART_COUNT > 0) is
+started by launch/slurm/llmtrain.sbatch with `--ckpt_path last`, which finds this checkpoint.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import threading
+from pathlib import Path
+from types import FrameType
+from typing import Any, Optional
+
+import lightning.pytorch as pl
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
+
+SIGNALS = {"SIGUSR1": signal.SIGUSR1, "SIGUSR2": signal.SIGUSR2, "SIGTERM": signal.SIGTERM, "SIGINT": signal.SIGINT}
+
+
+class PreemptionCheckpoint(Callback):
+    """Saves `<ModelCheckpoint dirpath>/last.ckpt` when one of `signals` arrives, requeues the SLURM job, and exits.
+
+    Args:
+        signals: names of the signals that mean "stop soon" (keys of SIGNALS). SLURM sends the one chosen by
+            `sbatch --signal=USR1@SECONDS` before the time limit, and SIGTERM at the limit, on `scancel`, and on
+            preemption.
+        requeue: run `scontrol requeue $SLURM_JOB_ID` after saving (only inside a SLURM job). On SIGTERM the job is
+            requeued only while it is still running or was stopped by its time limit: a job that `scancel`
+            cancelled keeps its checkpoint but stays cancelled.
+    """
+
+    def __init__(self, signals: tuple[str, ...] = ("SIGUSR1", "SIGTERM"), requeue: bool = True) -> None:
+        unknown = [name for name in signals if name not in SIGNALS]
+        if unknown or not signals:
+            raise ValueError(f"PreemptionCheckpoint.signals={list(signals)!r}: allowed are names from "
+                             f"{sorted(SIGNALS)} (at least one)")
+        self.signals = tuple(signals)
+        self.requeue = requeue
+        self._received: Optional[int] = None  # the last signal number seen by this process
+        self._original_handlers: dict[int, Any] = {}
+        self._last_global_step = -1
+        self._saved: Optional[Path] = None  # the checkpoint written after a signal; the run stops at the next batch
+
+    # -- signal handling: the handler only records; all work happens at a step boundary -----------------------------
+
+    def _record(self, signum: int, _frame: Optional[FrameType]) -> None:
+        self._received = signum
+
+    def _install(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            raise RuntimeError("PreemptionCheckpoint must be set up in the main thread (signal handlers live there)")
+        for name in self.signals:
+            signum = SIGNALS[name]
+            self._original_handlers.setdefault(signum, signal.getsignal(signum))
+            signal.signal(signum, self._record)
+
+    def _restore(self) -> None:
+        if threading.current_thread() is threading.main_thread():
+            for signum, handler in self._original_handlers.items():
+                signal.signal(signum, handler)
+        self._original_handlers = {}
+
+    def setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
+        if stage != "fit":
+            return
+        if not isinstance(trainer.checkpoint_callback, ModelCheckpoint):
+            raise ValueError("PreemptionCheckpoint saves into ModelCheckpoint's folder as last.ckpt, where "
+                             "`--ckpt_path last` finds it on restart: add a ModelCheckpoint to trainer.callbacks")
+        # Installed before the Trainer registers its own handlers, so that Lightning, seeing a SIGUSR1 handler,
+        # does not add its in-handler auto-requeue.
+        self._received, self._saved = None, None
+        self._install()
+
+    def on_train_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        # The Trainer has meanwhile wrapped SIGTERM with its own notifier, which runs a collective inside the
+        # handler: ours replaces it. On every way out, exceptions included, the Trainer's teardown (the last thing to
+        # run) re-installs the handlers it found when it registered, i.e. ours: make those the originals instead.
+        for name in self.signals:
+            signal.signal(SIGNALS[name], self._record)
+        trainer._signal_connector._original_handlers.update(self._original_handlers)
+        self._last_global_step = trainer.global_step
+
+    def teardown(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
+        if stage == "fit":
+            self._restore()
+
+    def on_exception(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", exception: BaseException) -> None:
+        self._restore()  # for an exception before training started, when the Trainer has nothing to put back
+
+    # -- at the step boundary -------------------------------------------------------------------------------------
+
+    def on_train_batch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        if trainer.global_step == self._last_global_step:
+            return  # inside gradient accumulation: the accumulated gradients are not part of a checkpoint
+        self._last_global_step = trainer.global_step
+        # One tiny all-reduce per optimizer step: every rank stops at the same step, even if only one was signalled.
+        if self._saved is None and trainer.strategy.reduce_boolean_decision(self._received is not None, all=False):
+            self._saved = self._save(trainer)  # where ModelCheckpoint saves too: a state Lightning resumes exactly
+
+    def on_train_batch_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", batch: Any,
+                             batch_idx: int) -> None:
+        # Stop here rather than right after saving, so that the saved step's metrics have been logged.
+        if self._saved is None:
+            return
+        signum = self._received
+        requeued = trainer.is_global_zero and self.requeue and _requeue_job(signum)
+        name = signal.Signals(signum).name if signum is not None else "a signal on another rank"
+        rank_zero_info(f"Preemption: {name} at step {trainer.global_step}; saved {self._saved}"
+                       + ("; job requeued, it resumes from there" if requeued else "; resume with `--ckpt_path last`"))
+        trainer.strategy.barrier("PreemptionCheckpoint.exit")
+        # The SystemExit that Lightning's loops raise on SIGTERM: loggers are finalised, callbacks see it, and the
+        # exit status says which signal stopped the run (138 for SIGUSR1: the sbatch template requeues on it).
+        raise SIGTERMException(128 + (signum or signal.SIGTERM))
+
+    def on_train_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        if self._saved is not None:
+            rank_zero_info(f"Preemption: the run reached its last step right after saving {self._saved}; not requeued")
+
+    def _save(self, trainer: "pl.Trainer") -> Path:
+        checkpoint = trainer.checkpoint_callback
+        assert isinstance(checkpoint, ModelCheckpoint) and checkpoint.dirpath is not None
+        path = Path(checkpoint.dirpath) / f"{checkpoint.CHECKPOINT_NAME_LAST}{checkpoint.FILE_EXTENSION}"
+        # Point every save_last ModelCheckpoint of this folder at this file (it is part of their saved state), so
+        # that after the restart they overwrite it instead of starting last-v1.ckpt beside it.
+        for callback in trainer.checkpoint_callbacks:
+            if isinstance(callback, ModelCheckpoint) and callback.save_last and callback.dirpath == checkpoint.dirpath:
+                callback.last_model_path = str(path)
+        # All ranks (with DeepSpeed each writes its shard). Both of our checkpoint IOs write atomically (Lightning's
+        # through a temp file and rename, ZeroStrategy through a staging folder), so a SIGKILL at the end of SLURM's
+        # grace period cannot leave a truncated last.ckpt; the rename replaces a `last` link, not its target.
+        trainer.save_checkpoint(path)
+        return path
+
+
+def _requeue_job(signum: Optional[int]) -> bool:
+    """`scontrol requeue` this job; False (with the reason logged) when not in SLURM, cancelled, or it fails."""
+    job_id = os.environ.get("SLURM_JOB_ID")
+    if job_id is None:
+        return False
+    if signum == signal.SIGTERM:
+        state = _job_fields(job_id)
+        # scancel: JobState=COMPLETING, Reason=None; time limit: Reason=TimeLimit; `scancel --signal=TERM`: RUNNING.
+        if state.get("JobState") != "RUNNING" and state.get("Reason") != "TimeLimit":
+            rank_zero_info(f"Preemption: job {job_id} is being cancelled ({state or 'state unknown'}): not requeued")
+            return False
+    try:
+        result = subprocess.run(["scontrol", "requeue", job_id], capture_output=True, text=True, timeout=60)
+    except (FileNotFoundError, subprocess.TimeoutExpired) as error:
+        rank_zero_warn(f"Preemption: could not run `scontrol requeue {job_id}` ({error}); resubmit the job with "
+                       "`--ckpt_path last` to resume")
+        return False
+    if result.returncode != 0:
+        rank_zero_warn(f"Preemption: `scontrol requeue {job_id}` failed ({result.returncode}): "
+                       f"{result.stderr.strip()}; resubmit the job with `--ckpt_path last` to resume")
+        return False
+    return True
+
+
+def _job_fields(job_id: str) -> dict[str, str]:
+    try:
+        out = subprocess.run(["scontrol", "show", "job", "-o", job_id], capture_output=True, text=True,
+                             timeout=30).stdout
+    except (FileNotFoundError, subprocess.TimeoutExpired):
+        return {}
+    return dict(item.split("=", 1) for item in out.split() if item.startswith(("JobState=", "Reason=")))

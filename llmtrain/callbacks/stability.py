@@ -1,0 +1,342 @@
+"""Stability metrics, as small independent callbacks: output logits, attention logits and entropy, residual-stream
+RMS, and weight / gradient / update norms (tags in DESIGN.md, method in docs/stability.md).
+
+Each callback has its own `every_n_steps` and can be left out of the config on its own. They compute on the
+device only on their steps, move everything they log to the host in one transfer on those steps, and log from
+rank 0 straight to the loggers at Lightning's own logging step (the step `self.log` uses, so their points line
+up with train/loss whatever log_every_n_steps is).
+
+Probe batch. LogitMonitor and AttentionMonitor run an extra forward (no grad, in the run's precision, compiled
+code run eagerly) on the first `probe_sequences` sequences of the current training batch, at the start of the
+step, i.e. with the weights that step's training forward uses. The current batch rather than a fixed one: the
+values then follow the data stream, so a resumed run logs the same values as an uninterrupted one, and DDP and
+ZeRO runs (which give rank 0 the same batch) log the same values. The probe is needed because the fused
+attention (and the compiled loss) of the training step never materialize attention logits or output logits.
+
+Under DeepSpeed ZeRO the probe forward and DeepSpeed's safe_get_full_* helpers are collectives (ZeRO-3 gathers
+parameters, ZeRO-1/2 all-reduce fragments): every rank runs them, in the same order; only rank 0 logs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Callable, Iterator, Optional
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.strategies import DeepSpeedStrategy
+from torch import Tensor, nn
+
+from llmtrain.model.attention import Attention, allowed_mask
+from llmtrain.training.loss import IGNORE_INDEX
+
+PREFIX = "stability"
+# Module-wrapper prefixes that appear in parameter names (activation checkpointing, torch.compile of a module).
+WRAPPER_PREFIXES = ("_checkpoint_wrapped_module.", "_orig_mod.")
+
+
+# ---------------------------------------------------------------------------------------------- shared helpers
+
+
+def log_step(trainer: pl.Trainer) -> int:
+    """The step Lightning's `self.log` writes at: optimizer steps taken so far (it keeps counting through a
+    rollback, so the TensorBoard axis never runs backwards)."""
+    return trainer.fit_loop.epoch_loop._batches_that_stepped
+
+
+def log_values(trainer: pl.Trainer, metrics: dict[str, Tensor], step: int) -> dict[str, float]:
+    """Moves scalar tensors to the host in one transfer and logs them from rank 0; returns them (empty elsewhere)."""
+    if not trainer.is_global_zero or not metrics:
+        return {}
+    values = torch.stack([v.detach().float().reshape(()) for v in metrics.values()]).tolist()  # the one sync
+    host = dict(zip(metrics, values))
+    for logger in trainer.loggers:
+        logger.log_metrics(host, step=step)
+    return host
+
+
+def is_deepspeed(trainer: pl.Trainer) -> bool:
+    return isinstance(trainer.strategy, DeepSpeedStrategy)
+
+
+def clean_name(name: str) -> str:
+    """The decoder's own parameter name: wrapper prefixes removed (blocks.0._checkpoint_wrapped_module.attn.x
+    -> blocks.0.attn.x)."""
+    for prefix in WRAPPER_PREFIXES:
+        name = name.replace(prefix, "")
+    return name
+
+
+def decoder_parameters(pl_module: pl.LightningModule) -> list[tuple[str, nn.Parameter]]:
+    """(clean name, parameter) of the decoder, each tensor once (a tied head shares tok_embeddings.weight)."""
+    return [(clean_name(name), p) for name, p in pl_module.model.named_parameters() if p.requires_grad]
+
+
+def first_micro_batch(trainer: pl.Trainer, batch_idx: int) -> bool:
+    return batch_idx % trainer.accumulate_grad_batches == 0
+
+
+def check_interval(owner: str, every_n_steps: int) -> None:
+    if not isinstance(every_n_steps, int) or every_n_steps < 1:
+        raise ValueError(f"{owner}: every_n_steps={every_n_steps!r} is invalid: must be an int >= 1")
+
+
+def probe_batch(batch: dict[str, Tensor], n: int) -> dict[str, Tensor]:
+    """The first n sequences of every (B, T) tensor of the batch."""
+    return {key: value[:n] for key, value in batch.items() if isinstance(value, Tensor)}
+
+
+@contextlib.contextmanager
+def probe_context(trainer: pl.Trainer) -> Iterator[None]:
+    """No grad, the run's precision (autocast under *-mixed), and compiled modules run eagerly: the probe's
+    batch shape and hooks must not trigger recompiles of the training graphs (compile="blocks")."""
+    with torch.no_grad(), torch.compiler.set_stance("force_eager"), trainer.precision_plugin.forward_context():
+        yield
+
+
+def forward_probe(pl_module: pl.LightningModule, probe: dict[str, Tensor]) -> Tensor:
+    """Decoder logits (P, T, V) of the probe sequences."""
+    return pl_module.model(probe["input_ids"], probe.get("document_ids"), probe.get("position_ids"))
+
+
+# ------------------------------------------------------------------------------------------------ output logits
+
+
+def logit_stats(logits: Tensor, labels: Optional[Tensor] = None) -> dict[str, Tensor]:
+    """Statistics of logits (B, T, V) over the target positions (labels != -100; all when labels is None), in fp32.
+
+    log Z = logsumexp over the vocabulary (the softmax normaliser); z_loss = mean log²Z, the quantity the z-loss
+    term penalises (PaLM §5), whatever its coefficient.
+    """
+    x = logits.float()
+    x = x.flatten(0, 1) if labels is None else x[labels != IGNORE_INDEX]  # (N, V)
+    lse = torch.logsumexp(x, dim=-1)  # (N,)
+    std, mean = torch.std_mean(x, correction=0)
+    return {"max_abs": x.abs().amax(), "mean": mean, "std": std, "logsumexp_mean": lse.mean(),
+            "logsumexp_max": lse.amax(), "z_loss": lse.square().mean()}
+
+
+class LogitMonitor(pl.Callback):
+    """Output-logit statistics on the probe batch every `every_n_steps` steps: stability/logits/{max_abs, mean,
+    std, logsumexp_mean, logsumexp_max, z_loss}. Logit growth precedes the output-logit divergence that z-loss
+    prevents (Wortsman et al. 2023, §3.2). The probe's fp32 logits take about 3·P·T·V·4 bytes for a moment
+    (P=2, T=2048, V=32000: 1.5 GB), at the start of the step, when the training activations are freed."""
+
+    def __init__(self, every_n_steps: int = 100, probe_sequences: int = 2) -> None:
+        check_interval("LogitMonitor", every_n_steps)
+        if probe_sequences < 1:
+            raise ValueError(f"LogitMonitor: probe_sequences={probe_sequences!r} must be >= 1")
+        self.every_n_steps, self.probe_sequences = every_n_steps, probe_sequences
+        self.last_metrics: dict[str, float] = {}
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
+        step = log_step(trainer)
+        if step % self.every_n_steps or not first_micro_batch(trainer, batch_idx):
+            return
+        probe = probe_batch(batch, self.probe_sequences)
+        with probe_context(trainer):
+            stats = logit_stats(forward_probe(pl_module, probe), probe.get("labels"))
+        metrics = {f"{PREFIX}/logits/{key}": value for key, value in stats.items()}
+        self.last_metrics = log_values(trainer, metrics, step)
+
+
+# --------------------------------------------------------------------------- attention logits and activations
+
+
+def attention_stats(logits: Tensor, allowed: Tensor) -> tuple[Tensor, Tensor]:
+    """Max |logit| over the allowed (query, key) pairs and the mean attention entropy in nats, of fp32
+    pre-softmax logits (B, H, T, T) with -inf where masked; allowed (B|1, 1, T, T) bool."""
+    max_abs = logits.masked_fill(~allowed, 0.0).abs().amax()
+    entropy = torch.special.entr(logits.softmax(dim=-1)).sum(dim=-1)  # (B, H, T): -Σ p log p, 0·log 0 = 0
+    return max_abs, entropy.mean()
+
+
+class _ProbeRecorder:
+    """Hooks on each layer's attention (pre-forward: its input and positions) and block (forward: the
+    residual stream it outputs), accumulating per-layer statistics over the probe forwards."""
+
+    def __init__(self, blocks: nn.ModuleList, activations: bool) -> None:
+        n = len(blocks)
+        self.max_abs: list[Optional[Tensor]] = [None] * n
+        self.entropy_sum: list[Optional[Tensor]] = [None] * n
+        self.square_sum: list[Optional[Tensor]] = [None] * n
+        self.handles = []
+        for i, block in enumerate(blocks):
+            attn = next(m for m in block.modules() if isinstance(m, Attention))
+            self.handles.append(attn.register_forward_pre_hook(self._attention_hook(i)))
+            if activations:
+                self.handles.append(block.register_forward_hook(self._block_hook(i)))
+
+    @staticmethod
+    def _add(acc: Optional[Tensor], value: Tensor, op: Callable[[Tensor, Tensor], Tensor]) -> Tensor:
+        return value if acc is None else op(acc, value)
+
+    def _attention_hook(self, i: int) -> Callable[..., None]:
+        def hook(attn: Attention, args: tuple) -> None:
+            x, positions = args  # Block calls self.attn(h, positions) positionally
+            max_abs, entropy = attention_stats(attn.attention_logits(x, positions), allowed_mask(positions))
+            self.max_abs[i] = self._add(self.max_abs[i], max_abs, torch.maximum)
+            self.entropy_sum[i] = self._add(self.entropy_sum[i], entropy, torch.add)
+        return hook
+
+    def _block_hook(self, i: int) -> Callable[..., None]:
+        def hook(block: nn.Module, args: tuple, output: Tensor) -> None:  # output (B, T, d_model)
+            self.square_sum[i] = self._add(self.square_sum[i], output.float().square().mean(), torch.add)
+        return hook
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+
+class AttentionMonitor(pl.Callback):
+    """Per layer, on the probe batch every `every_n_steps` steps:
+
+    stability/attn_logit_max/layer_{i:02d}  max |q·k|/sqrt(head_dim) over allowed pairs, as softmax sees it
+                                            (after qk-norm, RoPE, soft-cap and ALiBi): its growth is the
+                                            attention-logit instability of Wortsman et al. 2023 (§3.1).
+    stability/attn_entropy/layer_{i:02d}    mean over heads and queries of the attention entropy (nats); its
+                                            collapse towards 0 is the same failure seen from the softmax side.
+    stability/act_rms/layer_{i:02d}         RMS of the residual stream after block i (with `activations`).
+
+    The probe runs one sequence at a time, so a layer's fp32 logits and probabilities take 2·H·T² floats
+    (T=2048, H=16: 0.5 GB), freed before the next layer.
+    """
+
+    def __init__(self, every_n_steps: int = 100, probe_sequences: int = 2, activations: bool = True) -> None:
+        check_interval("AttentionMonitor", every_n_steps)
+        if probe_sequences < 1:
+            raise ValueError(f"AttentionMonitor: probe_sequences={probe_sequences!r} must be >= 1")
+        self.every_n_steps, self.probe_sequences, self.activations = every_n_steps, probe_sequences, activations
+        self.last_metrics: dict[str, float] = {}
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
+        step = log_step(trainer)
+        if step % self.every_n_steps or not first_micro_batch(trainer, batch_idx):
+            return
+        probe = probe_batch(batch, self.probe_sequences)
+        n = probe["input_ids"].shape[0]
+        recorder = _ProbeRecorder(pl_module.model.blocks, self.activations)
+        try:
+            with probe_context(trainer):
+                for b in range(n):
+                    forward_probe(pl_module, {key: value[b:b + 1] for key, value in probe.items()})
+        finally:
+            recorder.remove()
+        metrics: dict[str, Tensor] = {}
+        for i in range(len(recorder.max_abs)):
+            metrics[f"{PREFIX}/attn_logit_max/layer_{i:02d}"] = recorder.max_abs[i]
+            metrics[f"{PREFIX}/attn_entropy/layer_{i:02d}"] = recorder.entropy_sum[i] / n
+            if self.activations:
+                metrics[f"{PREFIX}/act_rms/layer_{i:02d}"] = (recorder.square_sum[i] / n).sqrt()
+        self.last_metrics = log_values(trainer, metrics, step)
+
+
+# ------------------------------------------------------------------------------ weights, gradients, updates
+
+
+def full_fp32_param(trainer: pl.Trainer, p: nn.Parameter) -> Tensor:
+    """The whole parameter in fp32: DeepSpeed's fp32 master (gathered from the ZeRO partitions), else p itself."""
+    if is_deepspeed(trainer):
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        return safe_get_full_fp32_param(p)
+    return p.detach().float()
+
+
+def full_grad(trainer: pl.Trainer, p: nn.Parameter) -> Optional[Tensor]:
+    """The whole (reduced, unclipped) gradient, or None where the parameter got none."""
+    if is_deepspeed(trainer):
+        from deepspeed.utils import safe_get_full_grad
+
+        return safe_get_full_grad(p)
+    return None if p.grad is None else p.grad.detach()
+
+
+def full_optimizer_state(trainer: pl.Trainer, optimizer: Any, p: nn.Parameter, key: str) -> Tensor:
+    if is_deepspeed(trainer):
+        from deepspeed.utils import safe_get_full_optimizer_state
+
+        value = safe_get_full_optimizer_state(p, key)
+    else:
+        value = optimizer.state.get(p, {}).get(key)
+    if value is None:
+        raise ValueError(f"WeightMonitor(adam_stats=True): the optimizer ({type(optimizer).__name__}) holds no "
+                         f"{key!r} state; adam_stats needs Adam/AdamW")
+    return value
+
+
+class WeightMonitor(pl.Callback):
+    """Every `every_n_steps` steps, per decoder parameter tensor and over all of them ("global"):
+
+    stability/weight_rms/{param}    RMS of the weights before the step
+    stability/grad_norm/{param}     L2 norm of the gradient fed to the optimizer, before clipping
+    stability/update_ratio/{param}  ||Δw|| / ||w|| of the step (0 on a skipped step)
+    stability/adam_v_rms/{param}    sqrt(mean exp_avg_sq) after the step (with `adam_stats`): the gradient scale
+                                    Adam divides by; an update shrinks once it nears eps (Wortsman et al. §3.4)
+
+    The update needs the weights before the step: one fp32 copy of the model is held from
+    on_before_optimizer_step to the end of the batch, on the monitored steps only.
+    """
+
+    def __init__(self, every_n_steps: int = 100, per_tensor: bool = True, adam_stats: bool = False) -> None:
+        check_interval("WeightMonitor", every_n_steps)
+        self.every_n_steps, self.per_tensor, self.adam_stats = every_n_steps, per_tensor, adam_stats
+        # Held from on_before_optimizer_step to the end of the batch, on monitored steps only:
+        self._before: Optional[list[Tensor]] = None  # fp32 weights before the step, per tensor
+        self._names: list[str] = []
+        self._w_sq: list[Tensor] = []  # Σw² per tensor
+        self._metrics: dict[str, Tensor] = {}
+        self._step = 0
+        self.last_metrics: dict[str, float] = {}
+
+    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
+        step = log_step(trainer)
+        if step % self.every_n_steps:
+            return
+        self._step = step
+        names, weights, grad_sq = [], [], {}
+        for name, p in decoder_parameters(pl_module):
+            w = full_fp32_param(trainer, p)
+            weights.append(w.clone() if w.data_ptr() == p.data_ptr() else w)  # a snapshot, not a view
+            names.append(name)
+            g = full_grad(trainer, p)
+            if g is not None:
+                grad_sq[name] = g.float().square().sum()
+        w_sq = [w.square().sum() for w in weights]
+        self._names, self._before, self._w_sq = names, weights, w_sq
+        metrics = {f"{PREFIX}/weight_rms/global": (torch.stack(w_sq).sum() / sum(w.numel() for w in weights)).sqrt()}
+        if grad_sq:
+            metrics[f"{PREFIX}/grad_norm/global"] = torch.stack(list(grad_sq.values())).sum().sqrt()
+        if self.per_tensor:
+            for name, w, sq in zip(names, weights, w_sq):
+                metrics[f"{PREFIX}/weight_rms/{name}"] = (sq / w.numel()).sqrt()
+            for name, sq in grad_sq.items():
+                metrics[f"{PREFIX}/grad_norm/{name}"] = sq.sqrt()
+        self._metrics = metrics
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        if self._before is None:
+            return
+        metrics = self._metrics
+        params = [p for _, p in decoder_parameters(pl_module)]
+        delta_sq = [(full_fp32_param(trainer, p) - w).square().sum() for p, w in zip(params, self._before)]
+        metrics[f"{PREFIX}/update_ratio/global"] = (torch.stack(delta_sq).sum() / torch.stack(self._w_sq).sum()).sqrt()
+        if self.per_tensor:
+            for name, d, w in zip(self._names, delta_sq, self._w_sq):
+                metrics[f"{PREFIX}/update_ratio/{name}"] = (d / w).sqrt()
+        if self.adam_stats:
+            optimizer = trainer.optimizers[0]
+            v_sum, v_count = [], 0
+            for name, p in zip(self._names, params):
+                v = full_optimizer_state(trainer, optimizer, p, "exp_avg_sq").float()
+                v_sum.append(v.sum())
+                v_count += v.numel()
+                if self.per_tensor:
+                    metrics[f"{PREFIX}/adam_v_rms/{name}"] = v.mean().sqrt()
+            metrics[f"{PREFIX}/adam_v_rms/global"] = (torch.stack(v_sum).sum() / v_count).sqrt()
+        self._before, self._metrics, self._w_sq = None, {}, []
+        self.last_metrics = log_values(trainer, metrics, self._step)
