@@ -116,24 +116,34 @@ def logit_stats(logits: Tensor, labels: Optional[Tensor] = None) -> dict[str, Te
             "logsumexp_max": lse.amax(), "z_loss": lse.square().mean()}
 
 
-class LogitMonitor(pl.Callback):
+class _ProbeMonitor(pl.Callback):
+    """A monitor that runs a forward on the first `probe_sequences` sequences of every `every_n_steps`-th step."""
+
+    def __init__(self, every_n_steps: int, probe_sequences: int) -> None:
+        check_interval(type(self).__name__, every_n_steps)
+        if probe_sequences < 1:
+            raise ValueError(f"{type(self).__name__}: probe_sequences={probe_sequences!r} must be >= 1")
+        self.every_n_steps, self.probe_sequences = every_n_steps, probe_sequences
+        self.last_metrics: dict[str, float] = {}
+
+    def due(self, trainer: pl.Trainer, batch_idx: int) -> bool:
+        return log_step(trainer) % self.every_n_steps == 0 and first_micro_batch(trainer, batch_idx)
+
+
+class LogitMonitor(_ProbeMonitor):
     """Output-logit statistics on the probe batch every `every_n_steps` steps: stability/logits/{max_abs, mean,
     std, logsumexp_mean, logsumexp_max, z_loss}. Logit growth precedes the output-logit divergence that z-loss
     prevents (Wortsman et al. 2023, §3.2). The probe's fp32 logits take about 3·P·T·V·4 bytes for a moment
     (P=2, T=2048, V=32000: 1.5 GB), at the start of the step, when the training activations are freed."""
 
     def __init__(self, every_n_steps: int = 100, probe_sequences: int = 2) -> None:
-        check_interval("LogitMonitor", every_n_steps)
-        if probe_sequences < 1:
-            raise ValueError(f"LogitMonitor: probe_sequences={probe_sequences!r} must be >= 1")
-        self.every_n_steps, self.probe_sequences = every_n_steps, probe_sequences
-        self.last_metrics: dict[str, float] = {}
+        super().__init__(every_n_steps, probe_sequences)
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
                              batch_idx: int) -> None:
-        step = log_step(trainer)
-        if step % self.every_n_steps or not first_micro_batch(trainer, batch_idx):
+        if not self.due(trainer, batch_idx):
             return
+        step = log_step(trainer)
         probe = probe_batch(batch, self.probe_sequences)
         with probe_context(trainer):
             stats = logit_stats(forward_probe(pl_module, probe), probe.get("labels"))
@@ -190,7 +200,7 @@ class _ProbeRecorder:
             handle.remove()
 
 
-class AttentionMonitor(pl.Callback):
+class AttentionMonitor(_ProbeMonitor):
     """Per layer, on the probe batch every `every_n_steps` steps:
 
     stability/attn_logit_max/layer_{i:02d}  max |q·k|/sqrt(head_dim) over allowed pairs, as softmax sees it
@@ -205,17 +215,14 @@ class AttentionMonitor(pl.Callback):
     """
 
     def __init__(self, every_n_steps: int = 100, probe_sequences: int = 2, activations: bool = True) -> None:
-        check_interval("AttentionMonitor", every_n_steps)
-        if probe_sequences < 1:
-            raise ValueError(f"AttentionMonitor: probe_sequences={probe_sequences!r} must be >= 1")
-        self.every_n_steps, self.probe_sequences, self.activations = every_n_steps, probe_sequences, activations
-        self.last_metrics: dict[str, float] = {}
+        super().__init__(every_n_steps, probe_sequences)
+        self.activations = activations
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
                              batch_idx: int) -> None:
-        step = log_step(trainer)
-        if step % self.every_n_steps or not first_micro_batch(trainer, batch_idx):
+        if not self.due(trainer, batch_idx):
             return
+        step = log_step(trainer)
         probe = probe_batch(batch, self.probe_sequences)
         n = probe["input_ids"].shape[0]
         recorder = _ProbeRecorder(pl_module.model.blocks, self.activations)
