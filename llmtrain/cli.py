@@ -17,6 +17,7 @@ TOOL_COMMANDS: dict[str, tuple[str, str]] = {
     "prepare": ("llmtrain.data.commands", "prepare_main"),
     "generate": ("llmtrain.generate", "main"),
     "report": ("llmtrain.report", "report_main"),
+    "sweep": ("llmtrain.sweep", "sweep_main"),
     "submit": ("llmtrain.launch", "submit_main"),
     "convert": ("llmtrain.checkpoint", "convert_main"),
     "export": ("llmtrain.checkpoint", "export_main"),

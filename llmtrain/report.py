@@ -1,4 +1,5 @@
 """`llmtrain report RUN_DIR [RUN_DIR ...] [--out DIR]`: the key curves of runs as PNG, and a markdown summary.
+`llmtrain report SWEEP_DIR` (a folder made by `llmtrain sweep`): the sweep report of llmtrain/sweep_report.py.
 
 Plots (one PNG each; several runs are overlaid): loss (spike events marked), output-logit max, attention-logit
 max per layer, global weight RMS, global update ratio, spike score. summary.md has one row per run: final and
@@ -55,6 +56,18 @@ def _largest(values: dict[int, float]) -> float:
     return max(vals) if vals else math.nan
 
 
+def _last(values: dict[int, float]) -> float:
+    return values[max(values)] if values else math.nan
+
+
+def _median(values: dict[int, float]) -> float:
+    vals = sorted(v for v in values.values() if math.isfinite(v))
+    if not vals:
+        return math.nan
+    mid = len(vals) // 2
+    return vals[mid] if len(vals) % 2 else (vals[mid - 1] + vals[mid]) / 2
+
+
 def summarize_run(run: Union[str, Path, Scalars], margin: float = DIVERGENCE_MARGIN) -> dict[str, object]:
     """Key numbers of one run (a run folder, or the scalars read from one); NaN where a tag was not logged."""
     scalars = read_scalars(run) if isinstance(run, (str, Path)) else run
@@ -71,6 +84,10 @@ def summarize_run(run: Union[str, Path, Scalars], margin: float = DIVERGENCE_MAR
         "min_loss": finite[min_step] if min_step is not None else math.nan,
         "min_loss_step": min_step,
         "final_val_loss": val_values[-1] if val_values else math.nan,
+        "final_val_bpb": _last(scalars.get("val/bpb", {})),
+        # Throughput: the median window (a compile or checkpoint window does not move it); memory: the peak.
+        "tokens_per_sec": _median(scalars.get("train/tokens_per_sec", {})),
+        "gpu_mem_peak_gib": _largest(scalars.get("train/gpu_mem_peak_gib", {})),
         "max_attn_logit": attn[attn_layer] if attn_layer is not None else math.nan,
         "max_attn_logit_layer": attn_layer,
         "max_output_logit": _largest(scalars.get("stability/logits/max_abs", {})),
@@ -221,14 +238,28 @@ def _label(run_dir: Path, all_dirs: list[Path]) -> str:
     return run_dir.name if names.count(run_dir.name) == 1 else str(run_dir)
 
 
+def is_sweep_dir(folder: Path) -> bool:
+    """A folder made by `llmtrain sweep`: its manifest or spec copy at the top, or run results below it (a run
+    folder has its own result.json at the top and is reported as a run)."""
+    if (folder / "sweep.json").is_file() or (folder / "spec.yaml").is_file():
+        return True
+    return not (folder / "result.json").is_file() and any(folder.glob("*/**/result.json"))
+
+
 def report_main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="llmtrain report", description=__doc__.split("\n\n")[0])
-    parser.add_argument("run_dirs", nargs="+", type=Path, help="run folders holding TensorBoard event files")
+    parser.add_argument("run_dirs", nargs="+", type=Path,
+                        help="run folders holding TensorBoard event files, or one sweep folder (llmtrain sweep)")
     parser.add_argument("--out", type=Path, default=None, help="output folder (default: RUN_DIR/report)")
     args = parser.parse_args(argv)
     out = args.out or args.run_dirs[0] / "report"
     try:
-        summary = write_report(args.run_dirs, out)
+        if len(args.run_dirs) == 1 and is_sweep_dir(args.run_dirs[0]):
+            from llmtrain.sweep_report import write_sweep_report
+
+            summary = write_sweep_report(args.run_dirs[0], out)
+        else:
+            summary = write_report(args.run_dirs, out)
     except FileNotFoundError as error:
         print(f"llmtrain report: {error}", file=sys.stderr)
         return 1
