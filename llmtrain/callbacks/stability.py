@@ -126,8 +126,17 @@ class _ProbeMonitor(pl.Callback):
         self.every_n_steps, self.probe_sequences = every_n_steps, probe_sequences
         self.last_metrics: dict[str, float] = {}
 
-    def due(self, trainer: pl.Trainer, batch_idx: int) -> bool:
-        return log_step(trainer) % self.every_n_steps == 0 and first_micro_batch(trainer, batch_idx)
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
+        step = log_step(trainer)
+        if step % self.every_n_steps or not first_micro_batch(trainer, batch_idx):
+            return
+        with probe_context(trainer):
+            metrics = self.measure(pl_module, probe_batch(batch, self.probe_sequences))
+        self.last_metrics = log_values(trainer, metrics, step)
+
+    def measure(self, pl_module: pl.LightningModule, probe: dict[str, Tensor]) -> dict[str, Tensor]:
+        raise NotImplementedError
 
 
 class LogitMonitor(_ProbeMonitor):
@@ -139,16 +148,9 @@ class LogitMonitor(_ProbeMonitor):
     def __init__(self, every_n_steps: int = 100, probe_sequences: int = 2) -> None:
         super().__init__(every_n_steps, probe_sequences)
 
-    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
-                             batch_idx: int) -> None:
-        if not self.due(trainer, batch_idx):
-            return
-        step = log_step(trainer)
-        probe = probe_batch(batch, self.probe_sequences)
-        with probe_context(trainer):
-            stats = logit_stats(forward_probe(pl_module, probe), probe.get("labels"))
-        metrics = {f"{PREFIX}/logits/{key}": value for key, value in stats.items()}
-        self.last_metrics = log_values(trainer, metrics, step)
+    def measure(self, pl_module: pl.LightningModule, probe: dict[str, Tensor]) -> dict[str, Tensor]:
+        stats = logit_stats(forward_probe(pl_module, probe), probe.get("labels"))
+        return {f"{PREFIX}/logits/{key}": value for key, value in stats.items()}
 
 
 # --------------------------------------------------------------------------- attention logits and activations
@@ -218,18 +220,12 @@ class AttentionMonitor(_ProbeMonitor):
         super().__init__(every_n_steps, probe_sequences)
         self.activations = activations
 
-    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
-                             batch_idx: int) -> None:
-        if not self.due(trainer, batch_idx):
-            return
-        step = log_step(trainer)
-        probe = probe_batch(batch, self.probe_sequences)
+    def measure(self, pl_module: pl.LightningModule, probe: dict[str, Tensor]) -> dict[str, Tensor]:
         n = probe["input_ids"].shape[0]
         recorder = _ProbeRecorder(pl_module.model.blocks, self.activations)
         try:
-            with probe_context(trainer):
-                for b in range(n):
-                    forward_probe(pl_module, {key: value[b:b + 1] for key, value in probe.items()})
+            for b in range(n):  # one sequence at a time: a layer's fp32 logits are H·T² per sequence
+                forward_probe(pl_module, {key: value[b:b + 1] for key, value in probe.items()})
         finally:
             recorder.remove()
         metrics: dict[str, Tensor] = {}
@@ -238,7 +234,7 @@ class AttentionMonitor(_ProbeMonitor):
             metrics[f"{PREFIX}/attn_entropy/layer_{i:02d}"] = recorder.entropy_sum[i] / n
             if self.activations:
                 metrics[f"{PREFIX}/act_rms/layer_{i:02d}"] = (recorder.square_sum[i] / n).sqrt()
-        self.last_metrics = log_values(trainer, metrics, step)
+        return metrics
 
 
 # ------------------------------------------------------------------------------ weights, gradients, updates
