@@ -1,0 +1,366 @@
+"""Training throughput on one GPU: the plain-PyTorch reference loop, litgpt's GPT in the same loop, and `llmtrain fit`.
+
+Rows, per shape (124m 768/12/12 mb16, 350m 1024/24/16 mb8, 1b 2048/16/16 mb4; vocab 32000, sequence 2048):
+  baseline  the reference loop of ../shared/gpu/NOTES.md, written out below (Llama-style decoder in plain PyTorch:
+            RMSNorm, SwiGLU, RoPE, no biases, untied LM head, SDPA is_causal, bf16 autocast, fused AdamW,
+            torch.compile of the model, cross-entropy eager on fp32 logits), random tokens.
+  litgpt    litgpt's `GPT` at the same shape in the same loop (skipped, with the reason, where `import litgpt` fails).
+  llmtrain  a real `llmtrain fit` of configs/llama-<shape>.yaml in a subprocess, on the shards of --data_dir, with
+            the config's callbacks at their default intervals (stability monitors every 100 steps, SpikeDetector
+            every step), validation off, and PeriodicCheckpoint moved past the end of the run (no checkpoint in the
+            timed window). tokens/s is the Throughput callback's one window over steps warmup+1..steps.
+Every row runs in its own subprocess (fresh compile caches, its own peak-memory counter). The first --warmup steps
+(compile, allocator) are excluded; the timed window is steps warmup+1..steps. The defaults (150 steps, 30 warm-up)
+put the stability monitors' step 100 inside llmtrain's window, as in a real run.
+MFU = tokens/s x (6*N_matmul + 12*n_layer*d_model*seq) / 989e12 for every row (ModelConfig.flops_per_token; N_matmul
+is every parameter but the input embedding; 989 TFLOP/s = H100 SXM dense bf16 datasheet peak).
+
+Device commands (one shape per device call, each well under the 10-minute limit; carry [".whl", ".gpu_data"]):
+    # once, on the CPU machine: the wheels (.whl already holds jsonargparse 4.53, which llmtrain needs; litgpt
+    # 0.5.13 pins jsonargparse<=4.41 in its metadata but GPT/Config never import it, and the install is --no-deps,
+    # so do NOT add jsonargparse==4.41.0; psutil: litgpt.utils imports it), and the 32000-token Shakespeare
+    # shards .gpu_data/shards of docs/benchmarks.md
+    bash ../shared/gpu/fetch-wheels.sh litgpt==0.5.13 psutil==7.2.2 docstring-parser typeshed-client
+    # each device call (shape 124m, then 350m, then 1b):
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+      && export PYTHONPATH=/tmp/site:$PWD TORCH_CUDA_ARCH_LIST=9.0 || exit; \
+      python3 benchmarks/throughput.py --shapes 124m --data_dir .gpu_data/shards --out $OUT
+CPU smoke test (tiny shape, few steps, no compile, fp32, no autocast, foreach AdamW; litgpt skipped if absent):
+    python benchmarks/throughput.py --tiny --data_dir data/shakespeare/shards --vocab_size 4000
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+from llmtrain.model.config import ModelConfig  # noqa: E402  (the FLOPs formula and the GLU d_ff rule only)
+
+PEAK_FLOPS = 989e12  # H100 SXM dense bf16 datasheet figure, as in ../shared/gpu/NOTES.md
+SEQ = 2048
+SHAPES = {  # d_model, n_layer, n_head, micro-batch, llmtrain config
+    "124m": (768, 12, 12, 16, "configs/llama-124m.yaml"),
+    "350m": (1024, 24, 16, 8, "configs/llama-350m.yaml"),
+    "1b": (2048, 16, 16, 4, "configs/llama-1b.yaml"),
+    # CPU smoke only (--tiny): the llmtrain row runs configs/llama-124m.yaml with the model overridden to this.
+    "tiny": (64, 2, 2, 8, "configs/llama-124m.yaml"),
+}
+TINY_SEQ = 64
+IMPLEMENTATIONS = ("baseline", "litgpt", "llmtrain")
+
+
+def model_config(shape: str, vocab_size: int, seq: int) -> ModelConfig:
+    d, layers, heads, _, _ = SHAPES[shape]
+    return ModelConfig(vocab_size=vocab_size, max_seq_len=seq, d_model=d, n_layer=layers, n_head=heads,
+                       ffn_multiple_of=64 if shape == "tiny" else 256)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# (a) The reference model: plain PyTorch, self-contained (nothing from llmtrain.model).
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+
+
+def rope_tables(head_dim: int, seq: int, theta: float = 10000.0) -> tuple[torch.Tensor, torch.Tensor]:
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+    angles = torch.outer(torch.arange(seq, dtype=torch.float32), inv_freq)
+    angles = torch.cat([angles, angles], dim=-1)  # (seq, head_dim), rotate-half layout
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos.to(x.dtype) + rotated * sin.to(x.dtype)
+
+
+class Block(nn.Module):
+    def __init__(self, d: int, heads: int, d_ff: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.norm1, self.norm2 = RMSNorm(d), RMSNorm(d)
+        self.qkv = nn.Linear(d, 3 * d, bias=False)
+        self.proj = nn.Linear(d, d, bias=False)
+        self.gate = nn.Linear(d, d_ff, bias=False)
+        self.up = nn.Linear(d, d_ff, bias=False)
+        self.down = nn.Linear(d_ff, d, bias=False)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        b, t, d = x.shape
+        q, k, v = self.qkv(self.norm1(x)).view(b, t, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        x = x + self.proj(y.transpose(1, 2).reshape(b, t, d))
+        h = self.norm2(x)
+        return x + self.down(F.silu(self.gate(h)) * self.up(h))
+
+
+class Reference(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.blocks = nn.ModuleList(Block(cfg.d_model, cfg.n_head, cfg.d_ff) for _ in range(cfg.n_layer))
+        self.norm = RMSNorm(cfg.d_model)
+        self.head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        cos, sin = rope_tables(cfg.d_model // cfg.n_head, cfg.max_seq_len)
+        self.register_buffer("cos", cos, persistent=False)
+        self.register_buffer("sin", sin, persistent=False)
+        for p in self.parameters():
+            if p.dim() == 2:
+                nn.init.normal_(p, std=0.02)
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        t = idx.shape[1]
+        x = self.embed(idx)
+        for block in self.blocks:
+            x = block(x, self.cos[:t], self.sin[:t])
+        return self.head(self.norm(x))
+
+
+# (b) litgpt's GPT at the same shape.
+def litgpt_model(cfg: ModelConfig) -> nn.Module:
+    from litgpt import GPT, Config
+
+    return GPT(Config(n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.d_model, block_size=cfg.max_seq_len,
+                      vocab_size=cfg.vocab_size, padded_vocab_size=cfg.vocab_size, bias=False,
+                      norm_class_name="RMSNorm", norm_eps=cfg.norm_eps, mlp_class_name="LLaMAMLP",
+                      intermediate_size=cfg.d_ff, rotary_percentage=1.0, rope_base=int(cfg.rope_theta),
+                      parallel_residual=False, n_query_groups=cfg.n_head))
+
+
+def loop(impl: str, shape: str, micro_batch: int, steps: int, warmup: int, vocab_size: int, tiny: bool) -> dict:
+    """The reference training loop; returns tokens/s, step time and peak memory over steps warmup+1..steps."""
+    seq = TINY_SEQ if tiny else SEQ
+    cfg = model_config(shape, vocab_size, seq)
+    cuda = torch.cuda.is_available() and not tiny
+    device = torch.device("cuda" if cuda else "cpu")
+    torch.manual_seed(1234)
+    if impl == "litgpt":
+        try:
+            model = litgpt_model(cfg)
+        except ImportError as err:
+            return {"skipped": f"import litgpt failed: {err}"}
+    else:
+        model = Reference(cfg)
+    model = model.to(device)
+    n_params = sum(p.numel() for p in model.parameters())
+    if n_params != cfg.num_params():
+        raise SystemExit(f"{impl}: {n_params} parameters, but ModelConfig counts {cfg.num_params()}")
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-4, betas=(0.9, 0.95), weight_decay=0.1,
+                                  **({"fused": True} if cuda else {"foreach": True}))
+    forward = model if tiny else torch.compile(model)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda)
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    gen = torch.Generator(device=device).manual_seed(0)
+    start = 0.0
+    for step in range(steps):
+        if step == warmup:
+            if cuda:
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+        tokens = torch.randint(0, vocab_size, (micro_batch, seq + 1), device=device, generator=gen)
+        with autocast:
+            logits = forward(tokens[:, :-1])
+        loss = F.cross_entropy(logits.float().flatten(0, 1), tokens[:, 1:].flatten())
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    if cuda:
+        torch.cuda.synchronize()
+    elapsed = time.perf_counter() - start
+    timed = steps - warmup
+    return {"tokens_per_sec": timed * micro_batch * seq / elapsed, "step_ms": 1e3 * elapsed / timed,
+            "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
+            "final_loss": loss.item(), "params": n_params}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# (c) llmtrain fit.
+def llmtrain_config(shape: str, steps: int, warmup: int, out: Path) -> Path:
+    import yaml
+
+    config = yaml.safe_load((REPO / SHAPES[shape][4]).read_text())
+    callbacks = []
+    for entry in config["trainer"].get("callbacks") or []:
+        name = entry["class_path"].rsplit(".", 1)[-1]
+        args = entry.setdefault("init_args", {})
+        if name == "PeriodicCheckpoint":  # no checkpoint inside the run: one step interval past its end
+            args.update(every_n_steps=10 * steps, every_minutes=None)
+        if name == "Throughput":  # one window: steps warmup+1..steps
+            args.update(window=steps - warmup, warmup_steps=warmup)
+        callbacks.append(entry)
+    config["trainer"]["callbacks"] = callbacks
+    path = out / f"llmtrain_{shape}.yaml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path
+
+
+def run_llmtrain(shape: str, micro_batch: int, args: argparse.Namespace) -> dict:
+    from llmtrain.events import read_scalars
+
+    config = llmtrain_config(shape, args.steps, args.warmup, args.out)
+    runs = args.out / "runs"
+    name = f"llmtrain_{shape}"
+    cmd = [sys.executable, "-m", "llmtrain.cli", "fit", "--config", str(config),
+           "--trainer.max_steps", str(args.steps), "--model.optim.total_steps", str(args.steps),
+           "--model.optim.warmup_steps", str(max(1, min(20, args.steps // 4))),
+           "--trainer.limit_val_batches", "0", "--trainer.enable_progress_bar", "false",
+           "--trainer.logger.init_args.save_dir", str(runs), "--trainer.logger.init_args.name", name,
+           "--data.data_dir", args.data_dir, "--data.micro_batch_size", str(micro_batch),
+           "--model.config.vocab_size", str(args.vocab_size)]
+    if args.tiny:
+        d, layers, heads, _, _ = SHAPES["tiny"]
+        cmd += ["--trainer.accelerator", "cpu", "--trainer.devices", "1", "--trainer.precision", "32-true",
+                "--model.config.d_model", str(d), "--model.config.n_layer", str(layers),
+                "--model.config.n_head", str(heads), "--model.config.ffn_multiple_of", "64",
+                "--model.config.max_seq_len", str(TINY_SEQ), "--data.seq_len", str(TINY_SEQ),
+                "--model.compile", "off", "--data.num_workers", "0", "--trainer.log_every_n_steps", "1"]
+    run_dir = runs / name
+    if run_dir.exists():  # a fresh run each time (a fit into an existing run folder is refused)
+        import shutil
+
+        shutil.rmtree(run_dir)
+    log = args.out / "log.txt"
+    with open(log, "a") as f:
+        f.write(f"\n$ {' '.join(cmd)}\n")
+        f.flush()
+        code = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=REPO).returncode
+    if code != 0:
+        return {"failed": f"llmtrain fit exited with {code}; see {log}"}
+    scalars = read_scalars(run_dir)
+    tps = scalars.get("train/tokens_per_sec", {})
+    if not tps:
+        return {"failed": f"no train/tokens_per_sec in {run_dir}; raise --steps"}
+    tokens_per_sec = tps[max(tps)]
+    seq = TINY_SEQ if args.tiny else SEQ
+    mem = scalars.get("train/gpu_mem_peak_gib", {})
+    loss = scalars.get("train/loss", {})
+    return {"tokens_per_sec": tokens_per_sec, "step_ms": 1e3 * micro_batch * seq / tokens_per_sec,
+            "peak_gib": max(mem.values()) if mem else None, "final_loss": loss[max(loss)] if loss else None}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+def run_worker(impl: str, shape: str, micro_batch: int, args: argparse.Namespace) -> dict:
+    """One loop row in its own process (fresh dynamo caches and peak-memory counter); the result is its last line."""
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--_worker", impl, "--shapes", shape,
+           "--micro_batch_size", str(micro_batch), "--steps", str(args.steps), "--warmup", str(args.warmup),
+           "--vocab_size", str(args.vocab_size), *(["--tiny"] if args.tiny else [])]
+    log = args.out / "log.txt"
+    with open(log, "a") as f:
+        f.write(f"\n$ {' '.join(cmd)}\n")
+        f.flush()
+        proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=f, text=True, cwd=REPO)
+        f.write(proc.stdout)
+    lines = proc.stdout.strip().splitlines()
+    if proc.returncode != 0 or not lines:
+        return {"failed": f"{impl} exited with {proc.returncode}; see {log}"}
+    return json.loads(lines[-1])
+
+
+def fmt(value: Optional[float], spec: str) -> str:
+    return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else format(value, spec)
+
+
+def table(results: list[dict], args: argparse.Namespace) -> str:
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() and not args.tiny else "CPU"
+    lines = ["| shape | implementation | micro-batch | tokens/s | MFU | step time (ms) | peak GPU memory (GiB) "
+             "| vs baseline |", "|---|---|---|---|---|---|---|---|"]
+    base = {r["shape"]: r["tokens_per_sec"] for r in results if r["impl"] == "baseline" and "tokens_per_sec" in r}
+    for r in results:
+        head = f"| {r['shape']} | {r['impl']} | {r['micro_batch']} |"
+        if "tokens_per_sec" not in r:
+            lines.append(f"{head} {r.get('skipped') or r.get('failed')} | | | | |")
+            continue
+        mfu = None if args.tiny else r["tokens_per_sec"] * r["flops_per_token"] / PEAK_FLOPS
+        ratio = r["tokens_per_sec"] / base[r["shape"]] if r["shape"] in base else None
+        lines.append(f"{head} {r['tokens_per_sec']:,.0f} | {fmt(mfu and 100 * mfu, '.1f')}{'%' if mfu else ''} "
+                     f"| {r['step_ms']:.1f} | {fmt(r['peak_gib'], '.1f')} | {fmt(ratio, '.2f')} |")
+    seq = TINY_SEQ if args.tiny else SEQ
+    lines += ["", f"Device: {device}; torch {torch.__version__}. Sequence {seq}, vocab {args.vocab_size}; "
+              f"{args.steps} steps, the first {args.warmup} excluded (tokens/s over steps {args.warmup + 1}-"
+              f"{args.steps}).",
+              "MFU = tokens/s x (6*N_matmul + 12*n_layer*d_model*seq) / 989e12 (N_matmul: every parameter but the "
+              "input embedding; 989 TFLOP/s: H100 SXM dense bf16 datasheet peak)" +
+              (" - not given on CPU." if args.tiny else "."),
+              "baseline/litgpt: random tokens, peak memory = torch.cuda.max_memory_allocated over the run; llmtrain: "
+              "`llmtrain fit` on --data_dir shards, the Throughput callback's window and peak memory."]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shapes", nargs="+", default=["124m"], choices=list(SHAPES),
+                        help="124m 350m 1b ('tiny' only with --tiny)")
+    parser.add_argument("--steps", type=int, default=None, help="total steps per row (default 150; 12 with --tiny)")
+    parser.add_argument("--warmup", type=int, default=None, help="untimed first steps (default 30; 4 with --tiny)")
+    parser.add_argument("--micro_batch_size", type=int, default=None, help="override the shape's micro-batch")
+    parser.add_argument("--data_dir", default=".gpu_data/shards", help="prepared shards for the llmtrain rows")
+    parser.add_argument("--vocab_size", type=int, default=32000, help="must match the shards' tokenizer")
+    parser.add_argument("--out", default="benchmark_out/throughput", help="throughput.md, throughput.json, logs")
+    parser.add_argument("--only", nargs="+", default=list(IMPLEMENTATIONS), choices=IMPLEMENTATIONS)
+    parser.add_argument("--tiny", action="store_true",
+                        help="CPU smoke test: tiny shape, few steps, no compile, fp32, no autocast, no fused AdamW")
+    parser.add_argument("--_worker", choices=("baseline", "litgpt"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    args.steps = args.steps if args.steps is not None else (12 if args.tiny else 150)
+    args.warmup = args.warmup if args.warmup is not None else (4 if args.tiny else 30)
+    if not 0 < args.warmup < args.steps - 1:
+        parser.error(f"need 0 < --warmup ({args.warmup}) < --steps - 1 ({args.steps - 1})")
+    if "tiny" in args.shapes and not args.tiny:
+        parser.error("shape 'tiny' is the CPU smoke test: use --tiny")
+    shapes = ["tiny"] if args.tiny else args.shapes
+
+    if args._worker:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        result = loop(args._worker, shapes[0], args.micro_batch_size, args.steps, args.warmup, args.vocab_size,
+                      args.tiny)
+        print(json.dumps(result))
+        return
+
+    if not args.tiny and not torch.cuda.is_available():
+        parser.error("no CUDA device: run on a GPU, or use --tiny for the CPU smoke test")
+    args.out = Path(args.out).resolve()
+    args.out.mkdir(parents=True, exist_ok=True)
+    if "llmtrain" in args.only and not (Path(args.data_dir) / "metadata.json").is_file():
+        parser.error(f"--data_dir {args.data_dir}: no prepared shards (metadata.json) there")
+    results = []
+    for shape in shapes:
+        micro_batch = args.micro_batch_size or SHAPES[shape][3]
+        cfg = model_config(shape, args.vocab_size, TINY_SEQ if args.tiny else SEQ)
+        for impl in args.only:
+            print(f"[throughput] {shape} {impl} (micro-batch {micro_batch}, {args.steps} steps)...", flush=True)
+            start = time.time()
+            r = run_llmtrain(shape, micro_batch, args) if impl == "llmtrain" else run_worker(impl, shape,
+                                                                                             micro_batch, args)
+            r.update(shape=shape, impl=impl, micro_batch=micro_batch, wall_s=round(time.time() - start, 1),
+                     flops_per_token=cfg.flops_per_token(cfg.max_seq_len))
+            print(f"[throughput]   {json.dumps(r)}", flush=True)
+            results.append(r)
+            (args.out / "throughput.json").write_text(json.dumps(results, indent=2))
+    text = table(results, args)
+    print(text)
+    (args.out / "throughput.md").write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
