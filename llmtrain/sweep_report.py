@@ -22,9 +22,8 @@ from pathlib import Path
 from statistics import mean, stdev
 from typing import Any, Callable, Optional
 
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from llmtrain.events import read_scalars
+from llmtrain.events import read_scalars, wall_clock
 from llmtrain.report import VAL_LOSS_TAG, _fmt, summarize_run
 
 
@@ -45,25 +44,6 @@ class RunRecord:
     val_loss: dict[int, float] = field(default_factory=dict)
     tokens: dict[int, float] = field(default_factory=dict)  # step -> tokens trained on (val steps)
     wall: dict[int, float] = field(default_factory=dict)  # step -> seconds of training (val steps)
-
-
-def wall_clock(run_dir: Path, tag: str) -> dict[int, float]:
-    """Seconds of training at each logged step of `tag`, from the run's first logged event; the gap between a
-    stopped run and its resumption is left out (each event file is one segment, placed after the one before)."""
-    files = sorted(run_dir.rglob("events.out.tfevents.*"), key=lambda p: (p.stat().st_mtime, p.name))
-    clock, offset = {}, 0.0
-    for path in files:
-        accumulator = EventAccumulator(str(path), size_guidance={"scalars": 0})
-        accumulator.Reload()
-        times = [e.wall_time for t in accumulator.Tags()["scalars"] for e in accumulator.Scalars(t)]
-        if not times:
-            continue
-        start = min(times)
-        if tag in accumulator.Tags()["scalars"]:
-            for event in accumulator.Scalars(tag):
-                clock[event.step] = offset + event.wall_time - start
-        offset += max(times) - start
-    return clock
 
 
 def _tokens_at(tokens: dict[int, float], step: int) -> float:
