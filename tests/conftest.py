@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import os
 import random
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
+
+REPO = Path(__file__).resolve().parents[1]
 
 WORDS = ("the king queen lord lady sword crown night day love death fair foul speak hear thou thee thy "
          "doth hath shall will not what where when why how good ill sweet sour heaven earth fire water").split()
@@ -36,6 +40,25 @@ def llmtrain(*args: str, cwd: Path | None = None, timeout: int = 600) -> subproc
         raise AssertionError(f"llmtrain {' '.join(args)} failed ({result.returncode}):\n"
                              f"{result.stdout[-3000:]}\n{result.stderr[-6000:]}")
     return result
+
+
+def run_deepspeed_ranks(script: str, args: list[str], world_size: int, timeout: int = 300) -> list[str]:
+    """Runs `script` (Python source) as `world_size` DeepSpeed CPU processes over gloo, as a launcher would set
+    them up, and fails with a rank's output if any rank fails; returns each rank's output."""
+    folder = Path(tempfile.mkdtemp(prefix="ds_ranks_"))
+    (folder / "script.py").write_text(script)
+    port = str(29500 + random.Random().randrange(2000))
+    procs = []
+    for rank in range(world_size):
+        env = {**os.environ, "DS_ACCELERATOR": "cpu", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port,
+               "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world_size),
+               "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+        procs.append(subprocess.Popen([sys.executable, str(folder / "script.py"), *args], env=env, cwd=REPO,
+                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    outputs = [p.communicate(timeout=timeout)[0] for p in procs]
+    for rank, (p, output) in enumerate(zip(procs, outputs)):
+        assert p.returncode == 0, f"rank {rank} failed:\n{output[-4000:]}"
+    return outputs
 
 
 @pytest.fixture(scope="session")

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import subprocess
 import sys
 from dataclasses import asdict
 from pathlib import Path
@@ -20,9 +19,8 @@ from llmtrain.checkpoint import (CheckpointError, convert_checkpoint, convert_ma
                                  llama_incompatibilities)
 from llmtrain.model import Decoder, ModelConfig
 from llmtrain.training.module import LanguageModel, load_decoder
-from tests.conftest import write_corpus
+from tests.conftest import run_deepspeed_ranks, write_corpus
 
-REPO = Path(__file__).resolve().parents[1]
 TINY: dict[str, Any] = dict(vocab_size=128, max_seq_len=64, d_model=64, n_layer=2, n_head=4, n_kv_head=2,
                             ffn_multiple_of=32, rope_theta=500.0, norm_eps=1e-6)
 
@@ -288,22 +286,10 @@ def zero_checkpoint(tmp_path: Path, stage: int, world_size: int, config: ModelCo
                     precision: str = "fp32") -> tuple[Path, dict]:
     """A real ZeRO checkpoint folder written by `world_size` DeepSpeed processes, and the engine's module weights
     (the fp32 master weights themselves with precision fp32, their bf16 copy with bf16)."""
-    script = tmp_path / "zero_save.py"
-    script.write_text(ZERO_SCRIPT)
     folder, reference = tmp_path / f"zero{stage}.ckpt", tmp_path / "engine_weights.pt"
-    port = str(29500 + random.Random().randrange(2000))
-    procs = []
-    for rank in range(world_size):
-        env = {**os.environ, "DS_ACCELERATOR": "cpu", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port,
-               "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world_size),
-               "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-        fields = {k: getattr(config, k) for k in TINY} | {"tie_embeddings": config.tie_embeddings}
-        procs.append(subprocess.Popen(
-            [sys.executable, str(script), str(stage), str(folder), str(reference), json.dumps(fields), precision],
-            env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
-    outputs = [p.communicate(timeout=300)[0] for p in procs]
-    for p, output in zip(procs, outputs):
-        assert p.returncode == 0, output[-4000:]
+    fields = {k: getattr(config, k) for k in TINY} | {"tie_embeddings": config.tie_embeddings}
+    run_deepspeed_ranks(ZERO_SCRIPT, [str(stage), str(folder), str(reference), json.dumps(fields), precision],
+                        world_size)
     return folder, torch.load(reference, weights_only=True)
 
 

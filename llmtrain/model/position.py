@@ -113,12 +113,7 @@ class LearnedPosition(PositionEncoding):
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__(config)
-        self.init_std = config.init_std
-        self.embedding = nn.Embedding(config.max_seq_len, config.d_model)
-        self.reset_parameters()
-
-    def reset_parameters(self) -> None:
-        nn.init.normal_(self.embedding.weight, mean=0.0, std=self.init_std)
+        self.embedding = nn.Embedding(config.max_seq_len, config.d_model)  # normal(0, init_std) by the Decoder
 
     def embed(self, h: Tensor, positions: Tensor) -> Tensor:
         return h + self.embedding(positions)  # (B, T, d) + (B|1, T, d)

@@ -8,7 +8,8 @@ RESIDUALS, ATTENTION_BACKENDS), so the forward pass reads the same for every var
 from __future__ import annotations
 
 import math
-from typing import Callable, Optional
+from contextlib import nullcontext
+from typing import Callable, ContextManager, Optional
 
 import torch
 import torch.nn.functional as F
@@ -61,6 +62,12 @@ class Block(nn.Module):
         return self.residual(x, self.ffn, self.ffn_norm, self.ffn_out_norm)
 
 
+def _init_normal(module: nn.Linear | nn.Embedding, std: float) -> None:
+    nn.init.normal_(module.weight, mean=0.0, std=std)
+    if getattr(module, "bias", None) is not None:
+        nn.init.zeros_(module.bias)
+
+
 class Decoder(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
@@ -74,23 +81,28 @@ class Decoder(nn.Module):
         self.lm_head = None if config.tie_embeddings else nn.Linear(config.d_model, config.vocab_size, bias=False)
         self.reset_parameters()
 
-    def reset_parameters(self) -> None:
+    def reset_parameters(self, gather: Callable[[list[nn.Parameter]], ContextManager] = lambda params: nullcontext()
+                         ) -> None:
         """normal(0, init_std) for every Linear and Embedding, zero biases, unit norm weights; the output
         projections (attn out_proj, ffn down_proj) get init_std / sqrt(2·n_layer): each of the 2·n_layer
         sublayers adds into the residual stream, and this keeps its variance from growing with depth
-        (GPT-2 §2.3, Llama/OLMo practice). Safe to call after building on the meta device (rebuilds fixed tables)."""
+        (GPT-2 §2.3, Llama/OLMo practice). Safe to call after building on the meta device (rebuilds fixed tables).
+
+        `gather(params)` makes one module's parameters whole while it is initialised. Under DeepSpeed ZeRO-3
+        (deepspeed.zero.Init) each module's parameters are partitioned as soon as it is built, so the init in
+        __init__ writes into empty shards and the model would keep torch's default init (50x larger weights):
+        call again with deepspeed.zero.GatheredParameters(params, modifier_rank=0). One module at a time, so
+        no GPU ever holds more than one module's full weights."""
         std = self.config.init_std
+        out_std = std / math.sqrt(2 * self.config.n_layer)
+        residual_outputs = {id(m) for block in self.blocks for m in (block.attn.out_proj, block.ffn.down_proj)}
         for module in self.modules():
             if isinstance(module, (nn.Linear, nn.Embedding)):
-                nn.init.normal_(module.weight, mean=0.0, std=std)
-            if isinstance(module, nn.Linear) and module.bias is not None:
-                nn.init.zeros_(module.bias)
-            if isinstance(module, (*NORMS.values(), PositionEncoding)):
-                module.reset_parameters()
-        out_std = std / math.sqrt(2 * self.config.n_layer)
-        for block in self.blocks:
-            nn.init.normal_(block.attn.out_proj.weight, mean=0.0, std=out_std)
-            nn.init.normal_(block.ffn.down_proj.weight, mean=0.0, std=out_std)
+                with gather(list(module.parameters())):
+                    _init_normal(module, out_std if id(module) in residual_outputs else std)
+            elif isinstance(module, (*NORMS.values(), PositionEncoding)):
+                with gather(list(module.parameters())):
+                    module.reset_parameters()
 
     def trunk(self, input_ids: Tensor, document_ids: Optional[Tensor] = None,
               position_ids: Optional[Tensor] = None) -> Tensor:

@@ -71,6 +71,11 @@ class LanguageModel(pl.LightningModule):
         if self.model is not None:
             return
         self.model = Decoder(self.config)
+        if any(hasattr(p, "ds_id") for p in self.model.parameters()):  # built under deepspeed.zero.Init (ZeRO-3)
+            import deepspeed
+
+            # The init in Decoder.__init__ wrote into already-partitioned (empty) parameters: redo it gathered.
+            self.model.reset_parameters(gather=lambda params: deepspeed.zero.GatheredParameters(params, modifier_rank=0))
         if self.activation_checkpointing:
             for i, block in enumerate(self.model.blocks):
                 self.model.blocks[i] = checkpoint_wrapper(block)
