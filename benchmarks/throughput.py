@@ -60,6 +60,23 @@ SHAPES = {  # d_model, n_layer, n_head, micro-batch, llmtrain config
 }
 TINY_SEQ = 64
 IMPLEMENTATIONS = ("baseline", "litgpt", "llmtrain")
+# Speed levers of the llmtrain rows, measured one at a time: a variant is "shipped" (the config as it is) or
+# levers joined by "+", e.g. "mb2x+fp8".
+LEVERS = {
+    "mb2x": "micro-batch doubled",
+    "fp8": "float8 matmuls for every Linear but the LM head (model.float8, torchao)",
+    "nostab": "without the stability callbacks (LogitMonitor, AttentionMonitor, WeightMonitor, SpikeDetector)",
+}
+STABILITY_CALLBACKS = ("LogitMonitor", "AttentionMonitor", "WeightMonitor", "SpikeDetector")
+
+
+def parse_variant(variant: str) -> tuple[str, ...]:
+    levers = () if variant == "shipped" else tuple(variant.split("+"))
+    unknown = [lever for lever in levers if lever not in LEVERS]
+    if unknown:
+        raise SystemExit(f"--variants {variant!r}: unknown lever(s) {unknown}; use 'shipped' or levers from "
+                         f"{sorted(LEVERS)} joined by '+'")
+    return levers
 
 
 def model_config(shape: str, vocab_size: int, seq: int) -> ModelConfig:
@@ -196,7 +213,7 @@ def loop(impl: str, shape: str, micro_batch: int, steps: int, warmup: int, vocab
 
 # ----------------------------------------------------------------------------------------------------------------
 # (c) llmtrain fit.
-def llmtrain_config(shape: str, steps: int, warmup: int, out: Path) -> Path:
+def llmtrain_config(shape: str, steps: int, warmup: int, out: Path, levers: tuple[str, ...]) -> Path:
     import yaml
 
     config = yaml.safe_load((REPO / SHAPES[shape][4]).read_text())
@@ -204,23 +221,25 @@ def llmtrain_config(shape: str, steps: int, warmup: int, out: Path) -> Path:
     for entry in config["trainer"].get("callbacks") or []:
         name = entry["class_path"].rsplit(".", 1)[-1]
         args = entry.setdefault("init_args", {})
+        if name in STABILITY_CALLBACKS and "nostab" in levers:
+            continue
         if name == "PeriodicCheckpoint":  # no checkpoint inside the run: one step interval past its end
             args.update(every_n_steps=10 * steps, every_minutes=None)
         if name == "Throughput":  # one window: steps warmup+1..steps
             args.update(window=steps - warmup, warmup_steps=warmup)
         callbacks.append(entry)
     config["trainer"]["callbacks"] = callbacks
-    path = out / f"llmtrain_{shape}.yaml"
+    path = out / f"llmtrain_{shape}_{'+'.join(levers) or 'shipped'}.yaml"
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     return path
 
 
-def run_llmtrain(shape: str, micro_batch: int, args: argparse.Namespace) -> dict:
+def run_llmtrain(shape: str, micro_batch: int, levers: tuple[str, ...], args: argparse.Namespace) -> dict:
     from llmtrain.events import read_scalars
 
-    config = llmtrain_config(shape, args.steps, args.warmup, args.out)
+    config = llmtrain_config(shape, args.steps, args.warmup, args.out, levers)
     runs = args.out / "runs"
-    name = f"llmtrain_{shape}"
+    name = f"llmtrain_{shape}_{'+'.join(levers) or 'shipped'}"
     cmd = [sys.executable, "-m", "llmtrain.cli", "fit", "--config", str(config),
            "--trainer.max_steps", str(args.steps), "--model.optim.total_steps", str(args.steps),
            "--model.optim.warmup_steps", str(max(1, min(20, args.steps // 4))),
@@ -228,6 +247,8 @@ def run_llmtrain(shape: str, micro_batch: int, args: argparse.Namespace) -> dict
            "--trainer.logger.init_args.save_dir", str(runs), "--trainer.logger.init_args.name", name,
            "--data.data_dir", args.data_dir, "--data.micro_batch_size", str(micro_batch),
            "--model.config.vocab_size", str(args.vocab_size)]
+    if "fp8" in levers:
+        cmd += ["--model.float8", "true"]
     if args.tiny:
         d, layers, heads, _, _ = SHAPES["tiny"]
         cmd += ["--trainer.accelerator", "cpu", "--trainer.devices", "1", "--trainer.precision", "32-true",
@@ -277,6 +298,15 @@ def run_worker(impl: str, shape: str, micro_batch: int, args: argparse.Namespace
     return json.loads(lines[-1])
 
 
+def rows(args: argparse.Namespace) -> list[tuple[str, str]]:
+    """(implementation, variant) per row: the loops with --baseline_variants, llmtrain with --variants."""
+    out = []
+    for impl in args.only:
+        variants = args.variants if impl == "llmtrain" else args.baseline_variants
+        out += [(impl, variant) for variant in variants]
+    return out
+
+
 def fmt(value: Optional[float], spec: str) -> str:
     return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else format(value, spec)
 
@@ -285,9 +315,10 @@ def table(results: list[dict], args: argparse.Namespace) -> str:
     device = torch.cuda.get_device_name() if torch.cuda.is_available() and not args.tiny else "CPU"
     lines = ["| shape | implementation | micro-batch | tokens/s | MFU | step time (ms) | peak GPU memory (GiB) "
              "| vs baseline |", "|---|---|---|---|---|---|---|---|"]
-    base = {r["shape"]: r["tokens_per_sec"] for r in results if r["impl"] == "baseline" and "tokens_per_sec" in r}
+    base = {r["shape"]: r["tokens_per_sec"] for r in results
+            if r["impl"] == "baseline" and r["variant"] == "shipped" and "tokens_per_sec" in r}
     for r in results:
-        head = f"| {r['shape']} | {r['impl']} | {r['micro_batch']} |"
+        head = f"| {r['shape']} | {r['label']} | {r['micro_batch']} |"
         if "tokens_per_sec" not in r:
             lines.append(f"{head} {r.get('skipped') or r.get('failed')} | | | | |")
             continue
@@ -303,8 +334,37 @@ def table(results: list[dict], args: argparse.Namespace) -> str:
               "input embedding; 989 TFLOP/s: H100 SXM dense bf16 datasheet peak)" +
               (" - not given on CPU." if args.tiny else "."),
               "baseline/litgpt: random tokens, peak memory = torch.cuda.max_memory_allocated over the run; llmtrain: "
-              "`llmtrain fit` on --data_dir shards, the Throughput callback's window and peak memory."]
-    return "\n".join(lines)
+              "`llmtrain fit` on --data_dir shards, the Throughput callback's window and peak memory. "
+              "'vs baseline': against the baseline row at the shape's own micro-batch.",
+              *[f"Lever {name}: {what}." for name, what in LEVERS.items()
+                if any(name in parse_variant(r["variant"]) for r in results)]]
+    return "\n".join(lines + largest_micro_batch(results))
+
+
+def largest_micro_batch(results: list[dict]) -> list[str]:
+    """Largest micro-batch that fits, from rows that differ only in the micro-batch: peak memory is affine in the
+    micro-batch (weights, gradients and optimizer state, plus activations per sequence), so two measured points
+    give the line, and the estimate is where it meets 95% of the GPU's memory."""
+    if not torch.cuda.is_available():
+        return []
+    capacity = 0.95 * torch.cuda.get_device_properties(0).total_memory / 2**30
+    measured = {(r["shape"], r["impl"], tuple(sorted(set(parse_variant(r["variant"])) - {"mb2x"}))): r
+                for r in results if r.get("peak_gib") and "mb2x" not in parse_variant(r["variant"])}
+    lines = []
+    for r in results:
+        levers = set(parse_variant(r["variant"]))
+        small = measured.get((r["shape"], r["impl"], tuple(sorted(levers - {"mb2x"}))))
+        if "mb2x" not in levers or not r.get("peak_gib") or small is None:
+            continue
+        per_sequence = (r["peak_gib"] - small["peak_gib"]) / (r["micro_batch"] - small["micro_batch"])
+        fixed = small["peak_gib"] - per_sequence * small["micro_batch"]
+        fits = int((capacity - fixed) / per_sequence) if per_sequence > 0 else None
+        lines.append(f"| {r['shape']} | {r['label']} | {fixed:.1f} | {per_sequence:.2f} | {fits} |")
+    if not lines:
+        return []
+    return ["", f"Largest micro-batch (estimate: the line through the two measured peaks, at 95% of "
+                f"{capacity / 0.95:.0f} GiB):", "",
+            "| shape | rows | fixed (GiB) | per sequence (GiB) | largest micro-batch |", "|---|---|---|---|---|", *lines]
 
 
 def main() -> None:
@@ -318,6 +378,10 @@ def main() -> None:
     parser.add_argument("--vocab_size", type=int, default=32000, help="must match the shards' tokenizer")
     parser.add_argument("--out", default="benchmark_out/throughput", help="throughput.md, throughput.json, logs")
     parser.add_argument("--only", nargs="+", default=list(IMPLEMENTATIONS), choices=IMPLEMENTATIONS)
+    parser.add_argument("--variants", nargs="+", default=["shipped"],
+                        help=f"llmtrain rows: 'shipped' or levers joined by '+' ({', '.join(LEVERS)})")
+    parser.add_argument("--baseline_variants", nargs="+", default=["shipped"], choices=["shipped", "mb2x"],
+                        help="baseline/litgpt rows: at the shape's micro-batch, and/or doubled")
     parser.add_argument("--tiny", action="store_true",
                         help="CPU smoke test: tiny shape, few steps, no compile, fp32, no autocast, no fused AdamW")
     parser.add_argument("--_worker", choices=("baseline", "litgpt"), help=argparse.SUPPRESS)
@@ -326,6 +390,8 @@ def main() -> None:
     args.warmup = args.warmup if args.warmup is not None else (4 if args.tiny else 30)
     if not 0 < args.warmup < args.steps - 1:
         parser.error(f"need 0 < --warmup ({args.warmup}) < --steps - 1 ({args.steps - 1})")
+    for variant in args.variants:
+        parse_variant(variant)
     if "tiny" in args.shapes and not args.tiny:
         parser.error("shape 'tiny' is the CPU smoke test: use --tiny")
     shapes = ["tiny"] if args.tiny else args.shapes
@@ -345,15 +411,17 @@ def main() -> None:
         parser.error(f"--data_dir {args.data_dir}: no prepared shards (metadata.json) there")
     results = []
     for shape in shapes:
-        micro_batch = args.micro_batch_size or SHAPES[shape][3]
         cfg = model_config(shape, args.vocab_size, TINY_SEQ if args.tiny else SEQ)
-        for impl in args.only:
-            print(f"[throughput] {shape} {impl} (micro-batch {micro_batch}, {args.steps} steps)...", flush=True)
+        for impl, variant in rows(args):
+            levers = parse_variant(variant)
+            micro_batch = (args.micro_batch_size or SHAPES[shape][3]) * (2 if "mb2x" in levers else 1)
+            label = impl if variant == "shipped" else f"{impl} ({variant})"
+            print(f"[throughput] {shape} {label} (micro-batch {micro_batch}, {args.steps} steps)...", flush=True)
             start = time.time()
-            r = run_llmtrain(shape, micro_batch, args) if impl == "llmtrain" else run_worker(impl, shape,
-                                                                                             micro_batch, args)
-            r.update(shape=shape, impl=impl, micro_batch=micro_batch, wall_s=round(time.time() - start, 1),
-                     flops_per_token=cfg.flops_per_token(cfg.max_seq_len))
+            r = (run_llmtrain(shape, micro_batch, levers, args) if impl == "llmtrain"
+                 else run_worker(impl, shape, micro_batch, args))
+            r.update(shape=shape, impl=impl, variant=variant, label=label, micro_batch=micro_batch,
+                     wall_s=round(time.time() - start, 1), flops_per_token=cfg.flops_per_token(cfg.max_seq_len))
             print(f"[throughput]   {json.dumps(r)}", flush=True)
             results.append(r)
             (args.out / "throughput.json").write_text(json.dumps(results, indent=2))

@@ -227,12 +227,17 @@ class SpikeDetector(pl.Callback):
         if is_deepspeed(trainer):
             self._deepspeed_loss = (trainer, loss)
             return
-        grad_norm = None
-        if self.use_grad_norm:
-            grads = [p.grad for p in pl_module.parameters() if p.grad is not None]
-            grad_norm = torch.nn.utils.get_total_norm(grads) if grads else None
+        grad_norm = self._gradient_norm(pl_module) if self.use_grad_norm else None
         self._decide(trainer, loss, grad_norm)
         self._skip(trainer, torch_optimizer(optimizer))
+
+    @staticmethod
+    def _gradient_norm(pl_module: pl.LightningModule) -> Optional[Tensor]:
+        shared = getattr(pl_module, "gradient_norm", None)  # LanguageModel's: the pass its clipping reuses
+        if shared is not None:
+            return shared()
+        grads = [p.grad for p in pl_module.parameters() if p.grad is not None]
+        return torch.nn.utils.get_total_norm(grads, foreach=True) if grads else None
 
     def _deepspeed_pre_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         # Runs once per parameter group (ZeRO-1/2) or sub-group (ZeRO-3); decide on the first call of the step.

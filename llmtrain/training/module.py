@@ -32,6 +32,7 @@ class LanguageModel(pl.LightningModule):
         z_loss_coef: float = 1e-4,
         compile: CompileScope = "off",
         activation_checkpointing: bool = False,
+        float8: bool = False,
     ) -> None:
         """
         Args:
@@ -41,6 +42,9 @@ class LanguageModel(pl.LightningModule):
             compile: torch.compile scope: "model" compiles decoder and loss together (fastest on one device),
                 "blocks" compiles each block (works under DeepSpeed ZeRO-3), "off" runs eagerly.
             activation_checkpointing: recompute each block's activations in backward (saves memory, ~30% compute).
+            float8: train every Linear but the LM head with float8 matmuls (torchao's dynamic tensorwise
+                scaling; needs a GPU of compute capability >= 8.9 and `pip install torchao`). Pays at ~1B
+                parameters and above, costs at 124M (docs/benchmarks.md).
         """
         super().__init__()
         # Plain dicts in the checkpoint, so it loads with torch.load(weights_only=True).
@@ -57,11 +61,13 @@ class LanguageModel(pl.LightningModule):
         self.z_loss_coef = z_loss_coef
         self.compile_scope = compile
         self.activation_checkpointing = activation_checkpointing
+        self.float8 = float8
         self.save_hyperparameters({"config": asdict(config), "optim": asdict(self.optim_config),
                                    "z_loss_coef": z_loss_coef, "compile": compile,
-                                   "activation_checkpointing": activation_checkpointing})
+                                   "activation_checkpointing": activation_checkpointing, "float8": float8})
         self.model: Optional[Decoder] = None
         self._loss_fn = self._forward_loss
+        self._grad_norm: Optional[torch.Tensor] = None  # this step's, see gradient_norm()
         self.tokens_seen = 0  # global count of trained tokens, restored on resume
         self.run_config: Optional[str] = None  # the resolved YAML, set by the CLI and stored in checkpoints
 
@@ -76,6 +82,8 @@ class LanguageModel(pl.LightningModule):
 
             # The init in Decoder.__init__ wrote into already-partitioned (empty) parameters: redo it gathered.
             self.model.reset_parameters(gather=lambda params: deepspeed.zero.GatheredParameters(params, modifier_rank=0))
+        if self.float8:
+            convert_to_float8(self.model)
         if self.activation_checkpointing:
             for i, block in enumerate(self.model.blocks):
                 self.model.blocks[i] = checkpoint_wrapper(block)
@@ -119,9 +127,21 @@ class LanguageModel(pl.LightningModule):
         if gradient_clip_algorithm == "value":
             torch.nn.utils.clip_grad_value_(self.parameters(), gradient_clip_val)
             return
-        max_norm = float(gradient_clip_val) if gradient_clip_val else float("inf")
-        norm = torch.nn.utils.clip_grad_norm_(self.parameters(), max_norm, foreach=True)
+        norm = self.gradient_norm()
+        if gradient_clip_val:
+            torch.nn.utils.clip_grads_with_norm_(self.parameters(), float(gradient_clip_val), norm, foreach=True)
         self.log("train/grad_norm", norm)
+
+    def gradient_norm(self) -> torch.Tensor:
+        """Global L2 norm of this step's gradients before clipping, computed once per step and shared by clipping
+        and SpikeDetector (one pass over the gradients, not two). Under DDP they are all-reduced by now."""
+        if self._grad_norm is None:
+            grads = [p.grad for p in self.parameters() if p.grad is not None]
+            self._grad_norm = torch.nn.utils.get_total_norm(grads, foreach=True)
+        return self._grad_norm
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        self._grad_norm = None
 
     def on_train_batch_end(self, outputs: Any, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         engine = getattr(self.trainer.strategy, "deepspeed_engine", None)
@@ -183,6 +203,27 @@ class LanguageModel(pl.LightningModule):
         random.setstate((3, tuple(state["rng"]["python"]), None))
         if state["rng"]["cuda"] and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+
+
+def convert_to_float8(model: Decoder) -> None:
+    """Swaps every Linear but the LM head for torchao's Float8Linear (bf16 weights and master copy unchanged; the
+    matmuls run in float8 with dynamic per-tensor scales). The head stays bf16: its logits feed the loss directly,
+    and float8 there is what the torchao and torchtitan recipes also leave out."""
+    try:
+        from torchao.float8 import convert_to_float8_training
+    except ImportError as err:
+        raise ConfigError(f"model.float8=true needs torchao (pip install torchao): {err}") from err
+    if not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9):
+        raise ConfigError("model.float8=true needs a CUDA GPU of compute capability >= 8.9 (H100, L40S, RTX 4090); "
+                          "this machine has " + (torch.cuda.get_device_name() if torch.cuda.is_available() else "none"))
+
+    convert_to_float8_training(model, module_filter_fn=float8_eligible)
+
+
+def float8_eligible(module: torch.nn.Module, name: str) -> bool:
+    """Which Linears convert_to_float8 swaps: all but the LM head, and only where float8 matmuls can run (both
+    dimensions divisible by 16)."""
+    return name != "lm_head" and module.in_features % 16 == 0 and module.out_features % 16 == 0
 
 
 def check_compatible(saved: dict[str, Any], current: ModelConfig) -> None:

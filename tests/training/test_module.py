@@ -49,3 +49,33 @@ def test_invalid_training_switches_are_refused():
         LanguageModel(ModelConfig(**TINY), z_loss_coef=-1.0)
     with pytest.raises(ConfigError, match="compile"):
         LanguageModel(ModelConfig(**TINY), compile="everything")
+
+
+def test_gradient_norm_is_computed_once_per_step_and_shared(monkeypatch):
+    module = make_module()
+    monkeypatch.setattr(module, "log", lambda *a, **kw: None)
+    for p in module.parameters():
+        p.grad = torch.ones_like(p)
+    first = module.gradient_norm()
+    for p in module.parameters():
+        p.grad = torch.zeros_like(p)  # a second pass would now see 0
+    assert module.gradient_norm() is first  # SpikeDetector's call and clipping's share one pass
+    module.on_train_batch_start(None, 0)
+    assert module.gradient_norm().item() == 0.0
+
+
+def test_float8_refuses_a_machine_without_a_float8_gpu():
+    with pytest.raises(ConfigError, match=r"model.float8=true needs a CUDA GPU of compute capability >= 8.9"):
+        make_module(float8=True)
+
+
+def test_float8_converts_every_linear_but_the_head():
+    float8 = pytest.importorskip("torchao.float8")
+    from llmtrain.training.module import float8_eligible
+
+    module = LanguageModel(ModelConfig(**TINY | {"d_model": 48, "vocab_size": 72}))
+    module.configure_model()
+    float8.convert_to_float8_training(module.model, module_filter_fn=float8_eligible)
+    kinds = {name: type(m).__name__ for name, m in module.model.named_modules() if isinstance(m, torch.nn.Linear)}
+    assert kinds.pop("lm_head") == "Linear"
+    assert kinds and set(kinds.values()) == {"Float8Linear"}, kinds
