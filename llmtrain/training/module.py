@@ -106,13 +106,19 @@ class LanguageModel(pl.LightningModule):
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         ce, z = self._loss_fn(batch)
         loss = ce + self.z_loss_coef * z
-        self.log("train/loss", loss, prog_bar=True)
+        # No host sync in the step: Lightning reads prog_bar tensors on the host after every batch, and turns
+        # Python numbers into tensors on the device (a blocking copy). Either costs one stall of the CPU's lead
+        # over the GPU per step (measured 10% at 124M on an H100). Host values are logged as CPU tensors, and the
+        # progress bar gets the loss only at logging steps, where the loggers read it anyway.
+        self.log("train/loss", loss)
+        if (self.trainer.global_step + 1) % self.trainer.log_every_n_steps == 0:
+            self.log("loss", loss.detach().cpu(), prog_bar=True, logger=False)
         self.log("train/ce_loss", ce)
         self.log("train/z_loss", z)  # mean log²Z, unscaled: watched even when z_loss_coef is 0
-        self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"])
+        self.log("train/lr", torch.tensor(self.trainer.optimizers[0].param_groups[0]["lr"]))
         # Counted here, not at batch end: checkpoint callbacks run before the module's batch-end hook.
         self.tokens_seen += batch["input_ids"].numel() * self.trainer.world_size
-        self.log("train/tokens", float(self.tokens_seen))
+        self.log("train/tokens", torch.tensor(float(self.tokens_seen)))
         return loss
 
     def configure_gradient_clipping(self, optimizer: torch.optim.Optimizer,
@@ -147,8 +153,8 @@ class LanguageModel(pl.LightningModule):
         engine = getattr(self.trainer.strategy, "deepspeed_engine", None)
         if engine is not None:
             norm = engine.get_global_grad_norm()  # the last norm DeepSpeed's own clipping pass computed
-            if norm is not None:
-                self.log("train/grad_norm", float(norm))
+            if norm is not None:  # a device tensor stays one (float() would sync every step)
+                self.log("train/grad_norm", norm.float() if isinstance(norm, torch.Tensor) else torch.tensor(norm))
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         ce, _ = self._loss_fn(batch)
