@@ -76,6 +76,17 @@ def test_sinusoidal_table_matches_vaswani() -> None:
     assert sinusoidal_table(10, 7).shape == (10, 7)
 
 
+def test_sinusoids_are_added_at_the_token_embeddings_scale(tiny) -> None:
+    # Unscaled sinusoids (RMS 0.71) drowned tokens embedded at init_std 0.02 (docs/ablations.md, position).
+    config = tiny(position="sinusoidal", init_std=0.02)
+    position = Decoder(config).position
+    h = torch.zeros(1, config.max_seq_len, config.d_model)
+    added = position.embed(h, torch.arange(config.max_seq_len)[None])
+    rms = added.pow(2).mean().sqrt().item()
+    assert rms == pytest.approx(0.02, rel=0.05)
+    torch.testing.assert_close(added[0] / (0.02 * math.sqrt(2)), sinusoidal_table(config.max_seq_len, config.d_model).float())
+
+
 @pytest.mark.parametrize("position", ["rope", "sinusoidal", "alibi", "learned"])
 def test_meta_device_build_then_reset_rebuilds_tables(tiny, position: str) -> None:
     config = tiny(position=position)

@@ -1,0 +1,603 @@
+"""The ablation suite (configs/ablations/*.yaml) scaled down to one GPU and a few minutes, reported under --out.
+
+For each topic (a shipped spec) it writes a derived spec: the same variants, grid, match, baseline and LRs, the
+first --seeds of the shipped seeds, and as base the shipped configs/ablations/base.yaml followed by a scale config
+(model size, vocab, sequence, steps, warmup, validation, data_dir, compile). Warmup steps (the base's 500 and
+norm_position's grid value) are scaled by steps/10000, and d_ff values given at width 512 (ffn_activation,
+ffn_ratio) by d_model/512. Every run is its own `llmtrain sweep SPEC --index I` process (a failed run does not stop
+the others); --parallel K of them share the GPU at once, seed-major over all topics (every topic's seed-1 runs
+first, so a suite cut short still holds paired comparisons). No run starts that would not end before
+--time_budget_s; runs still going then are stopped and reported as pending. Then `llmtrain report` of each sweep.
+
+Only these files are written under --out (the device tool returns at most 8 files):
+  plan.md                    the scale, the budget arithmetic, the derived specs as a table
+  summary.md                 plan, what ran, and every topic's report (markdown) one after another
+  ablations_<name>.tar.gz    <topic>/summary.md and PNGs, specs/, plan.md, fit.log tails of failed runs
+  runs_<name>.tar.gz         the sweep folders without checkpoints (sweep.json, result.json, config.yaml, events):
+                             `llmtrain report <topic>` re-makes any report from them
+  suite.log                  what the runner printed
+The runs themselves stay in --work.
+
+Two device calls (one H100, carry [".whl", ".abl_data"]; shards from data/get_corpus.py, see docs/ablations.md):
+  python3 benchmarks/ablation_suite.py --topics group1 --out $OUT
+  python3 benchmarks/ablation_suite.py --topics group2 --out $OUT
+CPU smoke test (toy size, fp32, a handful of steps):
+  python benchmarks/ablation_suite.py --tiny --topics weight_decay --data_dir .abl_data/shards --out /tmp/abl
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tarfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, TextIO
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+from llmtrain.sweep import SpecError, SweepSpec, expand_runs, read_result, write_manifest  # noqa: E402
+
+ABLATIONS = REPO / "configs" / "ablations"
+BASE = ABLATIONS / "base.yaml"
+BASE_STEPS, BASE_WIDTH = 10000, 512  # the shipped base's trainer.max_steps and d_model
+SEED_NOISE = "seed_noise"  # the base alone over its seeds: the spread every other topic is read against
+# In the order they run (a suite cut short by its time budget loses the last): the stability and component
+# questions first, the slow deep runs of aspect_ratio last.
+TOPICS = (SEED_NOISE, "qk_norm", "norm_position", "ffn_activation", "norm_type", "position", "z_loss", "bias",
+          "weight_decay", "ffn_ratio", "aspect_ratio")
+# Two device calls of about equal work (2 seeds: 52 and 46 runs): the LR-grid topics, and the component and shape
+# topics (aspect_ratio's 16- and 32-layer runs launch 2-4x the kernels of a base run).
+GROUPS = {"group1": ("qk_norm", "z_loss", "norm_position", "weight_decay"),
+          "group2": ("norm_type", "bias", "ffn_activation", "position", "ffn_ratio", "aspect_ratio"),
+          "all": TOPICS}
+for _group in ("group1", "group2"):  # each call measures the seed spread it is read against
+    GROUPS[_group] = (SEED_NOISE, *GROUPS[_group])
+DEVICE_PREFIX = ("python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "
+                 "/tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD TORCH_CUDA_ARCH_LIST=9.0 || exit;")
+CONCURRENCY_NOTE = ("tokens/s and wall times were measured with up to {k} runs sharing one GPU: they depend on what "
+                    "ran beside each run and do not compare the variants' speed.")
+
+
+# ---------------------------------------------------------------------------------------------- the scale
+
+
+@dataclass
+class Scale:
+    steps: int
+    micro_batch_size: int
+    seq_len: int
+    d_model: int
+    n_layer: int
+    n_head: int
+    vocab_size: int
+    data_dir: Path
+    val_points: int
+    val_batches: int
+    compile: str
+    num_workers: int
+    tiny: bool
+
+    @property
+    def tokens(self) -> int:
+        return self.steps * self.micro_batch_size * self.seq_len
+
+    def warmup(self, base_value: int) -> int:
+        """A warmup of the 10000-step base scaled to these steps (a nonzero warmup stays >= 1 step)."""
+        return 0 if base_value == 0 else max(1, round(base_value * self.steps / BASE_STEPS))
+
+    def width(self, d_ff_at_512: int) -> int:
+        """A d_ff given at the base width 512, at this d_model (multiples of 8)."""
+        return max(8, 8 * round(d_ff_at_512 * self.d_model / BASE_WIDTH / 8))
+
+    def config(self) -> dict[str, Any]:
+        """The fit config applied after base.yaml (`--config base.yaml --config scale.yaml`)."""
+        trainer: dict[str, Any] = {"max_steps": self.steps, "val_check_interval": self.steps // self.val_points,
+                                   "limit_val_batches": self.val_batches,
+                                   "log_every_n_steps": 1 if self.tiny else 10}
+        if self.tiny:
+            trainer.update(accelerator="cpu", precision="32-true")
+        return {
+            "trainer": trainer,
+            "model": {"config": {"vocab_size": self.vocab_size, "max_seq_len": self.seq_len, "d_model": self.d_model,
+                                 "n_layer": self.n_layer, "n_head": self.n_head},
+                      "optim": {"warmup_steps": self.warmup(500)}, "compile": self.compile},
+            "data": {"data_dir": str(self.data_dir.resolve()), "seq_len": self.seq_len,
+                     "micro_batch_size": self.micro_batch_size, "num_workers": self.num_workers},
+        }
+
+
+def shards_vocab(data_dir: Path) -> tuple[int, dict[str, Any]]:
+    meta_path = data_dir / "metadata.json"
+    if not meta_path.is_file():
+        raise SystemExit(f"error: --data_dir {data_dir}: no metadata.json (prepare shards with `llmtrain prepare`, "
+                         "see docs/ablations.md, GPU run: how)")
+    meta = json.loads(meta_path.read_text())
+    if not meta.get("complete"):
+        raise SystemExit(f"error: --data_dir {data_dir}: the shards are incomplete (metadata.json complete=false)")
+    return int(meta["settings"]["vocab_size"]), meta
+
+
+# ---------------------------------------------------------------------------------------------- the specs
+
+
+@dataclass
+class Topic:
+    name: str
+    spec_path: Path  # the derived spec
+    sweep_dir: Path
+    spec: SweepSpec
+    runs: list  # llmtrain.sweep.Run
+    shipped: dict[str, Any]
+    changes: list[str] = field(default_factory=list)
+
+
+def scale_overrides(overrides: dict[str, Any], scale: Scale, where: str, changes: list[str]) -> dict[str, Any]:
+    out = dict(overrides)
+    for key, value in overrides.items():
+        if key == "model.optim.warmup_steps":
+            out[key] = scale.warmup(int(value))
+        elif key == "model.config.d_ff" and scale.d_model != BASE_WIDTH:
+            out[key] = scale.width(int(value))
+        if out[key] != value:
+            changes.append(f"{where}.{key}: {value} -> {out[key]}")
+    return out
+
+
+def derive_spec(name: str, scale: Scale, n_seeds: int, scale_path: Path, work: Path) -> Topic:
+    shipped_path = ABLATIONS / f"{name}.yaml"
+    shipped = yaml.safe_load(shipped_path.read_text())
+    spec = dict(shipped)
+    changes: list[str] = []
+    spec["base"] = [str(BASE), str(scale_path)]
+    extra = range(max(shipped["seeds"]) + 1, max(shipped["seeds"]) + 1 + n_seeds)  # more seeds than shipped
+    # The seed-noise topic keeps all its seeds: the spread it measures is what every other topic is read against.
+    spec["seeds"] = shipped["seeds"] if name == SEED_NOISE else (shipped["seeds"] + list(extra))[:n_seeds]
+    if "overrides" in spec:
+        spec["overrides"] = scale_overrides(spec["overrides"], scale, "overrides", changes)
+    if "variants" in spec:
+        spec["variants"] = {v: scale_overrides(o or {}, scale, f"variants.{v}", changes)
+                            for v, o in spec["variants"].items()}
+    if "grid" in spec:
+        grid = {}
+        for key, values in spec["grid"].items():
+            grid[key] = [scale_overrides({key: v}, scale, "grid", changes)[key] for v in values]
+        spec["grid"] = grid
+    spec["description"] = (str(shipped.get("description", "")).strip() + f" [Scaled for one GPU by "
+                           f"benchmarks/ablation_suite.py: {scale.tokens:,} tokens per run.]")
+    path = work / "specs" / f"{name}.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    try:
+        loaded = SweepSpec.load(path)
+        runs = expand_runs(loaded)
+    except SpecError as error:
+        raise SystemExit(f"error: derived spec of {name}: {error}") from None
+    return Topic(name, path, work / "sweeps" / name, loaded, runs, shipped, changes)
+
+
+def resolve_topics(given: list[str]) -> list[str]:
+    names: list[str] = []
+    for item in given:
+        for name in GROUPS.get(item, (item,)):
+            if name not in TOPICS:
+                raise SystemExit(f"error: --topics {item!r}: not a spec of configs/ablations; choose from "
+                                 f"{', '.join(TOPICS)} or a group ({', '.join(GROUPS)})")
+            if name not in names:
+                names.append(name)
+    return names
+
+
+# ---------------------------------------------------------------------------------------------- the plan
+
+
+def estimate(n_runs: int, tokens: int, parallel: int, tokens_per_s: float, overhead_s: float) -> tuple[float, float]:
+    """(seconds per run, seconds for all runs). Runs at once share `tokens_per_s`; a run's start-up and teardown
+    (CPU) overlap with the others' training, so the GPU work bounds the total unless start-ups dominate."""
+    at_once = min(parallel, n_runs)
+    per_run = overhead_s + tokens * at_once / tokens_per_s
+    total = max(n_runs * tokens / tokens_per_s, math.ceil(n_runs / parallel) * overhead_s) + overhead_s
+    return per_run, total
+
+
+def plan_markdown(topics: list[Topic], scale: Scale, args: argparse.Namespace, meta: dict[str, Any]) -> str:
+    n_runs = sum(len(t.runs) for t in topics)
+    per_run, total = estimate(n_runs, scale.tokens, args.parallel, args.assumed_tokens_per_s, args.assumed_overhead_s)
+    params = topics[0].runs[0]
+    splits = meta["splits"]
+    lines = [
+        f"# Ablation suite plan: {args.name}", "",
+        f"- Data: `{scale.data_dir}`: {splits['train']['tokens']:,} train / {splits['val']['tokens']:,} val tokens, "
+        f"vocab {scale.vocab_size}",
+        f"- Model (base shape): d_model {scale.d_model}, {scale.n_layer} layers, {scale.n_head} heads, vocab "
+        f"{scale.vocab_size}, sequence {scale.seq_len}: N = {params.params / 1e6:.1f}M non-embedding, "
+        f"{params.params_total / 1e6:.1f}M in all, {params.flops_per_token / 1e6:.0f} MFLOP per token; "
+        f"compile {scale.compile}"
+        + ("; CPU, fp32 (--tiny)" if scale.tiny else "; bf16 on one GPU"),
+        f"- Per run: {scale.steps} steps x {scale.micro_batch_size} x {scale.seq_len} = {scale.tokens:,} tokens "
+        f"({scale.tokens / splits['train']['tokens']:.2f} epochs of the train split, "
+        f"{scale.tokens / params.params:.2f} tokens per non-embedding parameter); warmup "
+        f"{scale.warmup(500)} steps (base 500 of 10000, scaled); validation every {scale.steps // scale.val_points} "
+        f"steps on at most {scale.val_batches} batches",
+        f"- Runs: {n_runs} ({len(topics)} topics), {args.parallel} at a time; "
+        f"{n_runs * scale.tokens / 1e9:.2f}B tokens in all",
+        f"- Estimate (assumed {args.assumed_tokens_per_s / 1e6:.2f}M tokens/s over all concurrent runs, "
+        f"{args.assumed_overhead_s:.0f} s start-up per run): {per_run:.0f} s per run, {total / 60:.1f} min in all; "
+        f"time budget {args.time_budget_s:.0f} s (runs that would not end by then are not started)",
+        f"- {CONCURRENCY_NOTE.format(k=args.parallel)}", "",
+        "| topic | variants | LRs (shipped -> run) | seeds (shipped -> run) | runs (shipped -> run) | scaled values |",
+        "|---|---|---|---|---|---|"]
+    for t in topics:
+        shipped_runs = len(t.spec.variants) * len(t.shipped.get("lrs") or [None]) * len(t.shipped["seeds"])
+        lrs = ", ".join(f"{lr:g}" for lr in t.spec.lrs) or "base"
+        lines.append(f"| {t.name} | {len(t.spec.variants)} | {lrs} -> same | {t.shipped['seeds']} -> {t.spec.seeds} "
+                     f"| {shipped_runs} -> {len(t.runs)} | {'; '.join(t.changes) or '-'} |")
+    return "\n".join(lines) + "\n"
+
+
+def device_commands() -> list[str]:
+    """The two device calls at the GPU defaults (whatever this invocation's flags are)."""
+    return [f"{DEVICE_PREFIX} python3 benchmarks/ablation_suite.py --topics {group} --data_dir .abl_data/shards "
+            "--out $OUT" for group in ("group1", "group2")]
+
+
+# ---------------------------------------------------------------------------------------------- running
+
+
+@dataclass
+class Job:
+    topic: Topic
+    run: Any  # llmtrain.sweep.Run
+    process: Optional[subprocess.Popen] = None
+    started: float = 0.0
+    ended: float = 0.0
+    state: str = "queued"  # queued | running | done | stopped | not started
+
+
+def seed_major(topics: list[Topic]) -> list[Job]:
+    """The seed-noise runs first, then every topic's runs of the first seed, then of the second, ...: a cut-short
+    suite keeps the seed spread and paired seeds."""
+    jobs = [Job(t, r) for t in topics for r in t.runs]
+    seeds = sorted({j.run.seed for j in jobs}, key=lambda s: min(t.spec.seeds.index(s) for t in topics
+                                                                 if s in t.spec.seeds))
+    return sorted(jobs, key=lambda j: (j.topic.name != SEED_NOISE, seeds.index(j.run.seed), topics.index(j.topic),
+                                       j.run.index))
+
+
+def start(job: Job, log_dir: Path, threads: int) -> None:
+    command = [sys.executable, "-m", "llmtrain.cli", "sweep", str(job.topic.spec_path), "--out",
+               str(job.topic.sweep_dir), "--index", str(job.run.index)]
+    log = log_dir / f"{job.topic.name}.{job.run.index:03d}.log"
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONPATH": os.pathsep.join(
+        p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)}
+    with open(log, "w") as handle:  # the child keeps its own copy of the descriptor
+        job.process = subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT, cwd=REPO, env=env,
+                                       start_new_session=True)  # its own group: stopped with its fit child
+    job.started, job.state = time.time(), "running"
+
+
+def stop(jobs: list[Job], grace_s: float = 15.0) -> None:
+    """SIGTERM to each run's process group (the sweep process and its fit) at once, SIGKILL to those left after
+    `grace_s`."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for job in jobs:
+            if job.process.poll() is None:
+                try:
+                    os.killpg(job.process.pid, sig)
+                except ProcessLookupError:
+                    pass
+        end = time.time() + grace_s
+        while time.time() < end and any(j.process.poll() is None for j in jobs):
+            time.sleep(0.2)
+    for job in jobs:
+        job.ended, job.state = time.time(), "stopped"
+
+
+def run_jobs(jobs: list[Job], args: argparse.Namespace, scale: Scale, log: TextIO, on_topic_done) -> None:
+    t0 = time.time()
+    deadline = t0 + args.time_budget_s
+    prior, _ = estimate(len(jobs), scale.tokens, args.parallel, args.assumed_tokens_per_s, args.assumed_overhead_s)
+    threads = max(1, (os.cpu_count() or 1) // args.parallel)
+    log_dir = args.work / "logs"
+    log_dir.mkdir(parents=True, exist_ok=True)
+    queue = list(jobs)
+    running: list[Job] = []
+    finished_walls: list[float] = []
+    statuses: list[str] = []
+    while queue or running:
+        for job in [j for j in running if j.process.poll() is not None]:
+            running.remove(job)
+            job.ended, job.state = time.time(), "done"
+            finished_walls.append(job.ended - job.started)
+            result = read_result(job.topic.sweep_dir / job.run.key) or {}
+            status = result.get("status", f"no result (exit {job.process.returncode})")
+            if status in ("finished", "diverged"):  # a result: its end-of-run checkpoint (~0.4 GB) is not needed
+                shutil.rmtree(job.topic.sweep_dir / job.run.key / "checkpoints", ignore_errors=True)
+            say(log, f"  {job.topic.name} {job.run.key}: {status} (started +{job.started - t0:.0f} s, "
+                     f"took {job.ended - job.started:.0f} s)")
+            statuses.append(status)
+            if all(j.state not in ("queued", "running") for j in jobs if j.topic is job.topic):
+                on_topic_done(job.topic)
+        if len(statuses) >= min(args.parallel, len(jobs)) and "finished" not in statuses \
+                and "diverged" not in statuses:
+            # No run of the first wave got through: a set-up error (a missing package, bad data) that every other
+            # run would repeat. Stop now rather than spend the budget on it.
+            say(log, f"the first {len(statuses)} runs all failed: stopping the suite (see fit.log of any run)")
+            for job in queue:
+                job.state = "not started"
+            queue.clear()
+            stop(running)
+            running.clear()
+            for topic in {j.topic.name: j.topic for j in jobs}.values():
+                on_topic_done(topic)
+            return
+        # Observed run time once a few runs are in (x1.15 margin), else the assumed one.
+        expected = 1.15 * statistics.median(finished_walls) if len(finished_walls) >= 2 else prior
+        while queue and len(running) < args.parallel:
+            if time.time() + expected > deadline:
+                for job in queue:
+                    job.state = "not started"
+                say(log, f"time budget: {len(queue)} runs not started (each would take ~{expected:.0f} s, "
+                         f"{max(0, deadline - time.time()):.0f} s left)")
+                topics_left = {j.topic.name: j.topic for j in queue}
+                queue.clear()
+                for topic in topics_left.values():
+                    if all(j.state not in ("queued", "running") for j in jobs if j.topic is topic):
+                        on_topic_done(topic)
+                break
+            job = queue.pop(0)
+            start(job, log_dir, threads)
+            running.append(job)
+        if running and time.time() > deadline:
+            say(log, f"time budget reached: stopping {len(running)} runs (reported as pending)")
+            stop(running)
+            done_topics = {j.topic.name: j.topic for j in running}
+            running.clear()
+            for topic in done_topics.values():
+                on_topic_done(topic)
+        time.sleep(0.5)
+
+
+# ---------------------------------------------------------------------------------------------- reports
+
+
+REPORT_CODE = """
+import sys
+from pathlib import Path
+import llmtrain.sweep_report as sweep_report
+try:
+    import matplotlib  # noqa: F401
+except ImportError:  # the markdown is what matters; the event files travel in runs_*.tar.gz for plots elsewhere
+    print("matplotlib is not installed: report without plots")
+    sweep_report.plot_sweep = lambda *args, **kwargs: {}
+sweep_report.write_sweep_report(Path(sys.argv[1]), Path(sys.argv[2]))
+"""
+
+
+class Reports:
+    """`llmtrain report` of each sweep in a background process (a finished topic's report is made while other
+    topics' runs go on), into WORK/reports/<topic>/."""
+
+    def __init__(self, folder: Path, log: TextIO) -> None:
+        self.folder, self.log = folder, log
+        self.pending: dict[str, subprocess.Popen] = {}
+
+    def start(self, topic: Topic) -> None:
+        self.wait(topic.name)  # a report of the same topic still being written finishes first
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", ""))
+                                                            if p)}
+        self.pending[topic.name] = subprocess.Popen(
+            [sys.executable, "-c", REPORT_CODE, str(topic.sweep_dir), str(self.folder / topic.name)],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO, env=env)
+
+    def wait(self, name: Optional[str] = None) -> None:
+        for topic in [name] if name else list(self.pending):
+            process = self.pending.pop(topic, None)
+            if process is None:
+                continue
+            output, _ = process.communicate()
+            if process.returncode != 0:
+                say(self.log, f"report of {topic} failed ({process.returncode}):\n{output[-3000:]}")
+            else:
+                say(self.log, f"report: {self.folder / topic / 'summary.md'}")
+
+
+def runs_summary(topics: list[Topic], jobs: list[Job]) -> str:
+    counts: dict[str, int] = {}
+    for topic in topics:
+        for run in topic.runs:
+            status = (read_result(topic.sweep_dir / run.key) or {}).get("status", "pending")
+            counts[status] = counts.get(status, 0) + 1
+    stopped = [f"{j.topic.name}/{j.run.key}" for j in jobs if j.state == "stopped"]
+    skipped = sum(j.state == "not started" for j in jobs)
+    lines = ["## What ran", "", "- " + ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))]
+    if stopped:
+        lines.append(f"- Stopped at the time budget (pending in the reports): {', '.join(stopped)}")
+    if skipped:
+        lines.append(f"- Not started (the time budget would not have held them): {skipped}")
+    return "\n".join(lines) + "\n"
+
+
+def summary_markdown(plan: str, topics: list[Topic], jobs: list[Job], reports: Path, k: int) -> str:
+    parts = [plan, runs_summary(topics, jobs)]
+    for topic in topics:
+        path = reports / topic.name / "summary.md"
+        if not path.is_file():
+            parts.append(f"# {topic.name}: no report (see suite.log)\n")
+            continue
+        text = path.read_text()
+        for png in sorted((reports / topic.name).glob("*.png")):  # images sit in <topic>/ inside the tarball
+            text = text.replace(f"]({png.name})", f"]({topic.name}/{png.name})")
+        parts.append(text.replace("# Sweep report:", "# Topic:", 1)
+                     + f"\n_{CONCURRENCY_NOTE.format(k=k)}_\n")
+    return "\n".join(parts)
+
+
+def failed_log_tails(topics: list[Topic], lines: int = 80) -> dict[str, str]:
+    tails = {}
+    for topic in topics:
+        for run in topic.runs:
+            result = read_result(topic.sweep_dir / run.key)
+            log = topic.sweep_dir / run.key / "fit.log"
+            if result and result.get("status") == "failed" and log.is_file():
+                text = log.read_text(errors="replace").splitlines()[-lines:]
+                tails[f"failed_logs/{topic.name}/{run.key.replace('/', '_')}.log"] = "\n".join(text) + "\n"
+    return tails
+
+
+def pack(out: Path, name: str, topics: list[Topic], reports: Path, work: Path, extra: dict[str, str]) -> None:
+    """ablations_<name>.tar.gz (reports, specs, plan, failed logs) and runs_<name>.tar.gz (sweep folders, no
+    checkpoints); each written to a temporary name first, so a kill mid-write leaves the previous one."""
+    def add_text(tar: tarfile.TarFile, arcname: str, text: str) -> None:
+        tmp = work / ".pack.tmp"
+        tmp.write_text(text)
+        tar.add(tmp, arcname=arcname)
+
+    tmp = out / f".ablations_{name}.tar.gz.tmp"
+    with tarfile.open(tmp, "w:gz") as tar:
+        for topic in topics:
+            if (reports / topic.name).is_dir():
+                tar.add(reports / topic.name, arcname=f"ablations_{name}/{topic.name}")
+            tar.add(topic.spec_path, arcname=f"ablations_{name}/specs/{topic.name}.yaml")
+        tar.add(work / "specs" / "scale.yaml", arcname=f"ablations_{name}/specs/scale.yaml")
+        for arcname, text in extra.items():
+            add_text(tar, f"ablations_{name}/{arcname}", text)
+    tmp.replace(out / f"ablations_{name}.tar.gz")
+
+    tmp = out / f".runs_{name}.tar.gz.tmp"
+    with tarfile.open(tmp, "w:gz") as tar:
+        for topic in topics:
+            if topic.sweep_dir.is_dir():
+                tar.add(topic.sweep_dir, arcname=f"runs_{name}/{topic.name}",
+                        filter=lambda info: None if "/checkpoints" in info.name or info.name.endswith(".ckpt")
+                        else info)
+    tmp.replace(out / f"runs_{name}.tar.gz")
+
+
+def say(log: TextIO, message: str) -> None:
+    print(message, flush=True)
+    log.write(message + "\n")
+    log.flush()
+
+
+# ---------------------------------------------------------------------------------------------- main
+
+
+def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data_dir", type=Path, default=REPO / ".abl_data" / "shards",
+                        help="token shards (llmtrain prepare) with metadata.json")
+    parser.add_argument("--topics", nargs="+", default=["all"],
+                        help="spec names or groups: " + "; ".join(f"{g} = {' '.join(t)}" for g, t in GROUPS.items()))
+    parser.add_argument("--out", type=Path, default=REPO / "benchmark_out" / "ablations", help="reports (<= 5 files)")
+    parser.add_argument("--work", type=Path, default=None,
+                        help="derived specs, sweeps, run logs, reports (default runs/ablation_suite/<name>)")
+    parser.add_argument("--name", default=None, help="names the tarballs (default: the group or 'custom')")
+    parser.add_argument("--steps", type=int, default=None, help="training steps per run (default 400; --tiny 6)")
+    parser.add_argument("--micro_batch_size", type=int, default=None, help="sequences per step (default 32; --tiny 4)")
+    parser.add_argument("--seq_len", type=int, default=None, help="tokens per sequence (default 512; --tiny 64)")
+    parser.add_argument("--d_model", type=int, default=None, help="base width (default 512; --tiny 64)")
+    parser.add_argument("--n_layer", type=int, default=None, help="base depth (default 10; --tiny 2)")
+    parser.add_argument("--n_head", type=int, default=None, help="base heads (default 10; --tiny 2)")
+    parser.add_argument("--vocab_size", type=int, default=None, help="must match the shards (default: theirs)")
+    parser.add_argument("--seeds", type=int, default=None,
+                        help="the first N of each spec's seeds (default 1; --tiny 1; the seed_noise topic keeps all its seeds)")
+    parser.add_argument("--parallel", type=int, default=None,
+                        help="runs at once on the one device (default 10; --tiny 2)")
+    parser.add_argument("--val_points", type=int, default=None,
+                        help="validations per run, the last at the last step (default 5; --tiny 2)")
+    parser.add_argument("--val_batches", type=int, default=16, help="limit_val_batches (16 x 32 x 512 covers the "
+                                                                    "ablation corpus's 257k val tokens)")
+    parser.add_argument("--compile", choices=("off", "model"), default="off",
+                        help="off (default): compiling costs 30-60 s per run, more than a run trains")
+    parser.add_argument("--time_budget_s", type=float, default=390.0,
+                        help="no run starts that would end later; runs still going then are stopped (default 390)")
+    parser.add_argument("--assumed_tokens_per_s", type=float, default=1.0e6,
+                        help="for the estimate: training tokens/s of the GPU over all concurrent runs (default 1M: "
+                             "~200 TFLOP/s at 214 MFLOP per token, eager bf16)")
+    parser.add_argument("--assumed_overhead_s", type=float, default=20.0,
+                        help="for the estimate: start-up, validation and teardown per run (default 20 s)")
+    parser.add_argument("--tiny", action="store_true", help="CPU smoke mode: toy size, fp32, no compile, 6 steps")
+    parser.add_argument("--dry_run", action="store_true", help="write the specs and plan.md, print them; run nothing")
+    args = parser.parse_args(argv)
+    gpu = dict(steps=400, micro_batch_size=32, seq_len=512, d_model=512, n_layer=8, n_head=8, seeds=1, parallel=10,
+               val_points=5)
+    tiny = dict(steps=6, micro_batch_size=4, seq_len=64, d_model=64, n_layer=2, n_head=2, seeds=1, parallel=2,
+                val_points=2)
+    for key, value in (tiny if args.tiny else gpu).items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    for key in ("steps", "micro_batch_size", "seq_len", "d_model", "n_layer", "n_head", "seeds", "parallel",
+                "val_points", "val_batches"):
+        if getattr(args, key) < 1:
+            parser.error(f"--{key} {getattr(args, key)}: must be >= 1")
+    if args.steps % args.val_points:
+        parser.error(f"--steps {args.steps} is not a multiple of --val_points {args.val_points}: the last "
+                     "validation must fall on the last step (the report's final val loss)")
+    if args.tiny and args.compile != "off":
+        parser.error("--tiny runs on CPU without compile; drop --compile")
+    args.topics = resolve_topics(args.topics)
+    args.name = args.name or next((g for g, t in GROUPS.items() if list(t) == args.topics), "custom")
+    if args.work is None:
+        args.work = REPO / "runs" / "ablation_suite" / args.name
+    args.out, args.work = args.out.resolve(), args.work.resolve()
+    return args
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = parse_args(argv)
+    vocab, meta = shards_vocab(args.data_dir)
+    if args.vocab_size is not None and args.vocab_size != vocab:
+        raise SystemExit(f"error: --vocab_size {args.vocab_size} does not match the shards in {args.data_dir} "
+                         f"(vocab_size {vocab} in metadata.json)")
+    scale = Scale(args.steps, args.micro_batch_size, args.seq_len, args.d_model, args.n_layer, args.n_head, vocab,
+                  args.data_dir, args.val_points, args.val_batches, args.compile, 0 if args.tiny else 2, args.tiny)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.work / "specs").mkdir(parents=True, exist_ok=True)
+    scale_path = args.work / "specs" / "scale.yaml"
+    scale_path.write_text("# benchmarks/ablation_suite.py: applied after configs/ablations/base.yaml\n"
+                          + yaml.safe_dump(scale.config(), sort_keys=False))
+    topics = [derive_spec(name, scale, args.seeds, scale_path, args.work) for name in args.topics]
+    plan = plan_markdown(topics, scale, args, meta)
+    plan += "\n## Device commands (one H100; carry [\".whl\", \".abl_data\"])\n\n" + "\n".join(
+        f"```\n{c}\n```" for c in device_commands()) + "\n"
+    (args.out / "plan.md").write_text(plan)
+    with open(args.out / "suite.log", "a") as log:
+        say(log, plan)
+        if args.dry_run:
+            return 0
+        for topic in topics:
+            write_manifest(topic.spec, topic.runs, topic.sweep_dir)  # unstarted runs show as pending
+        reports = args.work / "reports"
+        report_jobs = Reports(reports, log)
+        jobs = seed_major(topics)
+        started = time.time()
+        run_jobs(jobs, args, scale, log, report_jobs.start)
+        say(log, f"runs: {time.time() - started:.0f} s")
+        report_jobs.wait()
+        for topic in topics:
+            if not (reports / topic.name / "summary.md").is_file():
+                report_jobs.start(topic)
+        report_jobs.wait()
+        summary = summary_markdown(plan, topics, jobs, reports, args.parallel)
+        (args.out / "summary.md").write_text(summary)
+        pack(args.out, args.name, topics, reports, args.work,
+             {"plan.md": plan, "summary.md": summary, **failed_log_tails(topics)})
+        say(log, f"wrote {args.out}: plan.md, summary.md, ablations_{args.name}.tar.gz, runs_{args.name}.tar.gz "
+                 f"({time.time() - started:.0f} s)")
+        failed = sum((read_result(t.sweep_dir / r.key) or {}).get("status") == "failed" for t in topics for r in t.runs)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
