@@ -129,6 +129,14 @@ def _read_zero_folder(folder: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     return checkpoint, origin
 
 
+def zero_world_size(folder: Path) -> Optional[int]:
+    """How many data-parallel ranks wrote a ZeRO checkpoint folder (one optimizer shard each); None for a file or
+    a folder that is not a DeepSpeed checkpoint."""
+    if not folder.is_dir() or not (folder / "latest").is_file():
+        return None
+    return len(list(_zero_tag_dir(folder).glob("*mp_rank_00_optim_states.pt")))
+
+
 def _zero_tag_dir(folder: Path) -> Path:
     """The tag folder (Lightning's is `checkpoint`) that `latest` names."""
     latest = folder / "latest"

@@ -16,9 +16,10 @@ import torch
 from safetensors.torch import load_file
 
 from llmtrain.checkpoint import (CheckpointError, convert_checkpoint, convert_main, export_hf, export_main,
-                                 llama_incompatibilities)
+                                 llama_incompatibilities, zero_world_size)
 from llmtrain.model import Decoder, ModelConfig
 from llmtrain.training.module import LanguageModel, load_decoder
+from llmtrain.training.strategy import check_world_size
 from tests.conftest import run_deepspeed_ranks, write_corpus
 
 TINY: dict[str, Any] = dict(vocab_size=128, max_seq_len=64, d_model=64, n_layer=2, n_head=4, n_kv_head=2,
@@ -298,6 +299,12 @@ def zero_checkpoint(tmp_path: Path, stage: int, world_size: int, config: ModelCo
 def test_convert_zero_folder_gives_the_engine_fp32_weights(tmp_path: Path, stage: int, world_size: int) -> None:
     folder, engine_weights = zero_checkpoint(tmp_path, stage, world_size, tiny())
     assert (folder / "checkpoint").is_dir() and (folder / "latest").read_text().strip() == "checkpoint"
+    # Resuming pins the world size (ZeroStrategy.load_checkpoint): the same one passes, another is refused early.
+    assert zero_world_size(folder) == world_size
+    check_world_size(folder, world_size)
+    with pytest.raises(ValueError, match=rf"written by {world_size} ranks, this run has {world_size + 1}\. .*"
+                                         rf"trainer.devices x trainer.num_nodes = {world_size}"):
+        check_world_size(folder, world_size + 1)
 
     out = convert_checkpoint(str(folder), str(tmp_path / "model.ckpt"))
     checkpoint = torch.load(out, weights_only=True)

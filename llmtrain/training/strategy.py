@@ -16,6 +16,8 @@ from typing import Any, Optional
 
 from lightning.pytorch.strategies import DeepSpeedStrategy
 
+from llmtrain.checkpoint import zero_world_size
+
 ZERO_STAGES = (1, 2, 3)
 
 
@@ -110,7 +112,23 @@ class ZeroStrategy(DeepSpeedStrategy):
         previous = path.with_name(f".old.{path.name}")
         if not path.exists() and previous.exists():  # killed between the two renames of replace_folder
             checkpoint_path = previous
+        check_world_size(Path(checkpoint_path), self.world_size)
         return super().load_checkpoint(checkpoint_path, weights_only)
+
+
+def check_world_size(folder: Path, world_size: int) -> None:
+    """Refuses, before DeepSpeed loads anything, a ZeRO checkpoint written by another number of ranks: its
+    optimizer state is partitioned per rank, and DeepSpeed cannot re-partition it (it raises only after loading
+    the model states; ZeRO-3 fails on missing shard files). A DDP checkpoint holds whole tensors and resumes on
+    any world size."""
+    saved = zero_world_size(folder)
+    if saved is not None and saved != world_size:
+        raise ValueError(
+            f"{folder}: this ZeRO checkpoint was written by {saved} ranks, this run has {world_size}. ZeRO "
+            f"partitions the optimizer state per rank and cannot resume on another world size: resume with "
+            f"trainer.devices x trainer.num_nodes = {saved}. `llmtrain convert {folder} model.ckpt` gives its fp32 "
+            "weights in one file (without optimizer state); DeepSpeed's universal checkpoint "
+            "(deepspeed.checkpoint.ds_to_universal) re-partitions optimizer state, which llmtrain does not load yet.")
 
 
 def replace_folder(staging: Path, final: Path) -> None:

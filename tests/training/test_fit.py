@@ -68,6 +68,20 @@ def test_resume_under_ddp_is_bitwise_equal_to_uninterrupted(prepared_corpus, tmp
     assert (tmp_path / "resumed" / "checkpoints" / "last.ckpt").resolve().name == "step0000008.ckpt"
 
 
+def test_ddp_checkpoint_resumes_on_another_world_size(prepared_corpus, tmp_path):
+    # 2 ranks x 4 samples for 4 steps, then 1 rank x 8 samples: the same global batch, so the run goes on as if it
+    # had run on one rank throughout (a DDP checkpoint holds whole tensors; the data position is global).
+    llmtrain(*fit_args(prepared_corpus, tmp_path, "moved", 4, "--trainer.strategy", "ddp", "--trainer.devices", "2"))
+    one_rank = ("--data.micro_batch_size", "8")
+    llmtrain(*fit_args(prepared_corpus, tmp_path, "moved", 8, *one_rank, "--ckpt_path", "last"))
+    llmtrain(*fit_args(prepared_corpus, tmp_path, "single", 8, *one_rank))
+    moved, single = (read_scalars(tmp_path / name) for name in ("moved", "single"))
+    # Steps 0-3 of "moved" log rank 0's half of the batch; from step 4 on both log the whole global batch.
+    for step in range(4, 8):
+        assert moved["train/loss"][step] == pytest.approx(single["train/loss"][step], rel=1e-4), step
+    assert moved["train/tokens"][7] == single["train/tokens"][7] == 8 * 8 * 32
+
+
 def test_refuses_checkpoint_of_another_architecture(prepared_corpus, tmp_path):
     llmtrain(*fit_args(prepared_corpus, tmp_path, "run", 4))
     with pytest.raises(AssertionError, match=r"d_model: checkpoint 32 vs config 64"):
