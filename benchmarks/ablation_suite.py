@@ -5,9 +5,11 @@ first --seeds of the shipped seeds, and as base the shipped configs/ablations/ba
 (model size, vocab, sequence, steps, warmup, validation, data_dir, compile). Warmup steps (the base's 500 and
 norm_position's grid value) are scaled by steps/10000, and d_ff values given at width 512 (ffn_activation,
 ffn_ratio) by d_model/512. Every run is its own `llmtrain sweep SPEC --index I` process (a failed run does not stop
-the others); --parallel K of them share the GPU at once, seed-major over all topics (every topic's seed-1 runs
-first, so a suite cut short still holds paired comparisons). No run starts that would not end before
---time_budget_s; runs still going then are stopped and reported as pending. Then `llmtrain report` of each sweep.
+the others); --parallel K of them share the GPU at once: the seed_noise runs first (the spread every other topic
+is read against), then seed-major over the topics in TOPICS order (every topic's seed-1 runs first, so a suite cut
+short still holds paired comparisons). No run starts that would not end before --time_budget_s; runs still going
+then are stopped and reported as pending. If the whole first wave fails, the rest is cancelled (a set-up error).
+Then `llmtrain report` of each sweep.
 
 Only these files are written under --out (the device tool returns at most 8 files):
   plan.md                    the scale, the budget arithmetic, the derived specs as a table
@@ -18,9 +20,9 @@ Only these files are written under --out (the device tool returns at most 8 file
   suite.log                  what the runner printed
 The runs themselves stay in --work.
 
-Two device calls (one H100, carry [".whl", ".abl_data"]; shards from data/get_corpus.py, see docs/ablations.md):
-  python3 benchmarks/ablation_suite.py --topics group1 --out $OUT
-  python3 benchmarks/ablation_suite.py --topics group2 --out $OUT
+On one GPU (carry [".whl", ".abl_data"]; shards from data/get_corpus.py; the exact calls of the recorded run and
+their timings are in docs/ablations.md):
+  python3 benchmarks/ablation_suite.py --topics group1 --out $OUT      # then group2: ~7.5 min each
 CPU smoke test (toy size, fp32, a handful of steps):
   python benchmarks/ablation_suite.py --tiny --topics weight_decay --data_dir .abl_data/shards --out /tmp/abl
 """
@@ -56,8 +58,9 @@ SEED_NOISE = "seed_noise"  # the base alone over its seeds: the spread every oth
 # questions first, the slow deep runs of aspect_ratio last.
 TOPICS = (SEED_NOISE, "qk_norm", "norm_position", "ffn_activation", "norm_type", "position", "z_loss", "bias",
           "weight_decay", "ffn_ratio", "aspect_ratio")
-# Two device calls of about equal work (2 seeds: 52 and 46 runs): the LR-grid topics, and the component and shape
-# topics (aspect_ratio's 16- and 32-layer runs launch 2-4x the kernels of a base run).
+# Two device calls of about equal work (1 seed, with seed_noise in each: 30 and 27 runs, ~3 waves of 10 at the
+# ~140 s a wave measured on an H200): the LR-grid topics, and the component and shape topics (aspect_ratio's 16- and
+# 32-layer runs launch 2-4x the kernels of a base run).
 GROUPS = {"group1": ("qk_norm", "z_loss", "norm_position", "weight_decay"),
           "group2": ("norm_type", "bias", "ffn_activation", "position", "ffn_ratio", "aspect_ratio"),
           "all": TOPICS}
@@ -246,7 +249,7 @@ def plan_markdown(topics: list[Topic], scale: Scale, args: argparse.Namespace, m
 
 
 def device_commands() -> list[str]:
-    """The two device calls at the GPU defaults (whatever this invocation's flags are)."""
+    """Two device calls that run the whole suite at the GPU defaults (whatever this invocation's flags are)."""
     return [f"{DEVICE_PREFIX} python3 benchmarks/ablation_suite.py --topics {group} --data_dir .abl_data/shards "
             "--out $OUT" for group in ("group1", "group2")]
 
@@ -261,7 +264,7 @@ class Job:
     process: Optional[subprocess.Popen] = None
     started: float = 0.0
     ended: float = 0.0
-    state: str = "queued"  # queued | running | done | stopped | not started
+    state: str = "queued"  # queued | running | done | stopped | not started | cancelled
 
 
 def seed_major(topics: list[Topic]) -> list[Job]:
@@ -286,7 +289,7 @@ def start(job: Job, log_dir: Path, threads: int) -> None:
     job.started, job.state = time.time(), "running"
 
 
-def stop(jobs: list[Job], grace_s: float = 15.0) -> None:
+def stop(jobs: list[Job], grace_s: float = 15.0, state: str = "stopped") -> None:
     """SIGTERM to each run's process group (the sweep process and its fit) at once, SIGKILL to those left after
     `grace_s`."""
     for sig in (signal.SIGTERM, signal.SIGKILL):
@@ -300,7 +303,7 @@ def stop(jobs: list[Job], grace_s: float = 15.0) -> None:
         while time.time() < end and any(j.process.poll() is None for j in jobs):
             time.sleep(0.2)
     for job in jobs:
-        job.ended, job.state = time.time(), "stopped"
+        job.ended, job.state = time.time(), state
 
 
 def run_jobs(jobs: list[Job], args: argparse.Namespace, scale: Scale, log: TextIO, on_topic_done) -> None:
@@ -334,16 +337,19 @@ def run_jobs(jobs: list[Job], args: argparse.Namespace, scale: Scale, log: TextI
             # run would repeat. Stop now rather than spend the budget on it.
             say(log, f"the first {len(statuses)} runs all failed: stopping the suite (see fit.log of any run)")
             for job in queue:
-                job.state = "not started"
+                job.state = "cancelled"
             queue.clear()
-            stop(running)
+            stop(running, state="cancelled")
             running.clear()
             for topic in {j.topic.name: j.topic for j in jobs}.values():
                 on_topic_done(topic)
             return
         # Observed run time once a few runs are in (x1.15 margin), else the assumed one.
         expected = 1.15 * statistics.median(finished_walls) if len(finished_walls) >= 2 else prior
-        while queue and len(running) < args.parallel:
+        # While every run that ended so far has failed, the first wave is undecided: start nothing new until a run
+        # gets through or the whole wave has failed (then the suite stops above).
+        undecided = bool(statuses) and not set(statuses) & {"finished", "diverged"}
+        while queue and len(running) < args.parallel and not undecided:
             if time.time() + expected > deadline:
                 for job in queue:
                     job.state = "not started"
@@ -420,11 +426,15 @@ def runs_summary(topics: list[Topic], jobs: list[Job]) -> str:
             counts[status] = counts.get(status, 0) + 1
     stopped = [f"{j.topic.name}/{j.run.key}" for j in jobs if j.state == "stopped"]
     skipped = sum(j.state == "not started" for j in jobs)
+    cancelled = sum(j.state == "cancelled" for j in jobs)
     lines = ["## What ran", "", "- " + ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))]
     if stopped:
         lines.append(f"- Stopped at the time budget (pending in the reports): {', '.join(stopped)}")
     if skipped:
         lines.append(f"- Not started (the time budget would not have held them): {skipped}")
+    if cancelled:
+        lines.append(f"- Cancelled: {cancelled}, because the first wave of runs all failed (a set-up error every run "
+                     "would repeat; see the failed runs' fit.log)")
     return "\n".join(lines) + "\n"
 
 
@@ -520,11 +530,12 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
                                                                     "ablation corpus's 257k val tokens)")
     parser.add_argument("--compile", choices=("off", "model"), default="off",
                         help="off (default): compiling costs 30-60 s per run, more than a run trains")
-    parser.add_argument("--time_budget_s", type=float, default=390.0,
-                        help="no run starts that would end later; runs still going then are stopped (default 390)")
-    parser.add_argument("--assumed_tokens_per_s", type=float, default=1.0e6,
-                        help="for the estimate: training tokens/s of the GPU over all concurrent runs (default 1M: "
-                             "~200 TFLOP/s at 214 MFLOP per token, eager bf16)")
+    parser.add_argument("--time_budget_s", type=float, default=450.0,
+                        help="no run starts that would end later; runs still going then are stopped (default 450: "
+                             "with start-up, reports and packing a call stays under the device tool's 10 minutes)")
+    parser.add_argument("--assumed_tokens_per_s", type=float, default=0.47e6,
+                        help="for the estimate: training tokens/s of the GPU over all concurrent runs (default 0.47M: "
+                             "measured with 10 base-size runs at once on one H200, 2026-12-01)")
     parser.add_argument("--assumed_overhead_s", type=float, default=20.0,
                         help="for the estimate: start-up, validation and teardown per run (default 20 s)")
     parser.add_argument("--tiny", action="store_true", help="CPU smoke mode: toy size, fp32, no compile, 6 steps")
@@ -569,7 +580,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                           + yaml.safe_dump(scale.config(), sort_keys=False))
     topics = [derive_spec(name, scale, args.seeds, scale_path, args.work) for name in args.topics]
     plan = plan_markdown(topics, scale, args, meta)
-    plan += "\n## Device commands (one H100; carry [\".whl\", \".abl_data\"])\n\n" + "\n".join(
+    plan += "\n## Device commands (one GPU; carry [\".whl\", \".abl_data\"])\n\n" + "\n".join(
         f"```\n{c}\n```" for c in device_commands()) + "\n"
     (args.out / "plan.md").write_text(plan)
     with open(args.out / "suite.log", "a") as log:

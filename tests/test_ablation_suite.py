@@ -4,6 +4,7 @@ run of one topic, two runs at once, down to the report tarball."""
 from __future__ import annotations
 
 import re
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -116,3 +117,22 @@ def test_runs_still_going_at_the_time_budget_are_stopped_and_reported_pending(pr
     assert "Stopped at the time budget (pending in the reports): bias/no_bias/seed1, bias/bias/seed1" in summary
     assert "| bias | base | 0/1 (1 pending) |" in summary
     assert not list((work / "sweeps" / "bias").rglob("result.json"))
+
+
+@pytest.mark.slow
+def test_a_first_wave_that_all_fails_stops_the_suite(prepared_corpus, tmp_path):
+    # A truncated shard fails every fit (a set-up error every run would repeat): the suite stops after the first
+    # wave of 2 instead of starting the other 3 position runs.
+    shards = tmp_path / "shards"
+    shutil.copytree(prepared_corpus["shards"], shards)
+    train = next(shards.glob("train_*.bin"))
+    train.write_bytes(train.read_bytes()[:-64])
+    out, work = tmp_path / "out", tmp_path / "work"
+    result = subprocess.run([sys.executable, str(SUITE), "--tiny", "--topics", "position", "--data_dir", str(shards),
+                             "--out", str(out), "--work", str(work)], cwd=REPO, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 1, result.stderr[-3000:]  # failed runs: a non-zero exit
+    log = (out / "suite.log").read_text()
+    assert "the first 2 runs all failed: stopping the suite" in log
+    assert "- Cancelled: 3, because the first wave of runs all failed" in (out / "summary.md").read_text()
+    assert len(list((work / "sweeps" / "position").rglob("result.json"))) == 2  # no third run was started
