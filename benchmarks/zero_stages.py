@@ -23,6 +23,11 @@ STRATEGIES = {
     "ZeRO-1": ["--config", "configs/deepspeed/zero1.yaml"],
     "ZeRO-2": ["--config", "configs/deepspeed/zero2.yaml"],
     "ZeRO-3": ["--config", "configs/deepspeed/zero3.yaml"],
+    # The parity questions of docs/benchmarks.md: is ZeRO-2's gap run-to-run noise (a second identical run), or
+    # stage 2's overlapped reduction (overlap_comm off)?
+    "ZeRO-2 again": ["--config", "configs/deepspeed/zero2.yaml"],
+    "ZeRO-2 overlap_comm off": ["--config", "configs/deepspeed/zero2.yaml",
+                                "--trainer.strategy.init_args.overlap_comm", "false"],
 }
 
 
@@ -76,7 +81,7 @@ def main() -> None:
     for name, extra in STRATEGIES.items():
         if args.only and name not in args.only:
             continue
-        tag = name.replace(" ", "_")
+        tag = name.replace(" ", "_")  # each name its own run folder
         fit(tag, extra, args, args.steps)
         results[name] = summary(Path(args.runs) / tag)
     # ZeRO-3 stopped at resume_at and resumed: the loss after resuming must follow the uninterrupted run.
