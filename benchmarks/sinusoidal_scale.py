@@ -1,7 +1,7 @@
 """CPU check of SinusoidalPosition's scale: a small decoder on the same batches with RoPE, with the sinusoids at the
 token embedding's RMS (the code now), and with the unscaled table (the code before 2026-12-01).
 
-    python benchmarks/sinusoidal_scale.py --data_dir .abl_data/shards     # ~6 min on 2 CPU cores
+    python benchmarks/sinusoidal_scale.py --data_dir .abl_data/shards     # ~4 min on 2 CPU cores
 
 Plain torch (no Lightning): d_model 128, 4 layers, 4 heads, sequence 128, batch 16, AdamW lr 3e-3 (20 warmup steps),
 clipping 1.0, 200 steps; prints the mean training loss of the last 50 steps per variant.
