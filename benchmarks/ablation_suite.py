@@ -386,24 +386,32 @@ try:
 except ImportError:  # the markdown is what matters; the event files travel in runs_*.tar.gz for plots elsewhere
     print("matplotlib is not installed: report without plots")
     sweep_report.plot_sweep = lambda *args, **kwargs: {}
-sweep_report.write_sweep_report(Path(sys.argv[1]), Path(sys.argv[2]))
+sweep_report.write_sweep_report(Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3]) if sys.argv[3:] else None)
 """
 
 
 class Reports:
     """`llmtrain report` of each sweep in a background process (a finished topic's report is made while other
-    topics' runs go on), into WORK/reports/<topic>/."""
+    topics' runs go on), into WORK/reports/<topic>/. Once the seed-noise sweep has 2 finished runs, the other
+    topics' verdicts are read against its spread (`llmtrain report --noise`)."""
 
-    def __init__(self, folder: Path, log: TextIO) -> None:
-        self.folder, self.log = folder, log
+    def __init__(self, folder: Path, log: TextIO, noise_dir: Optional[Path]) -> None:
+        self.folder, self.log, self.noise_dir = folder, log, noise_dir
         self.pending: dict[str, subprocess.Popen] = {}
+
+    def noise_for(self, topic: Topic) -> list[str]:
+        if topic.name == SEED_NOISE or self.noise_dir is None:
+            return []
+        results = [read_result(path.parent) or {} for path in self.noise_dir.glob("*/**/result.json")]
+        return [str(self.noise_dir)] if sum(r.get("status") == "finished" for r in results) >= 2 else []
 
     def start(self, topic: Topic) -> None:
         self.wait(topic.name)  # a report of the same topic still being written finishes first
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", ""))
                                                             if p)}
         self.pending[topic.name] = subprocess.Popen(
-            [sys.executable, "-c", REPORT_CODE, str(topic.sweep_dir), str(self.folder / topic.name)],
+            [sys.executable, "-c", REPORT_CODE, str(topic.sweep_dir), str(self.folder / topic.name),
+             *self.noise_for(topic)],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO, env=env)
 
     def wait(self, name: Optional[str] = None) -> None:
@@ -590,15 +598,15 @@ def main(argv: Optional[list[str]] = None) -> int:
         for topic in topics:
             write_manifest(topic.spec, topic.runs, topic.sweep_dir)  # unstarted runs show as pending
         reports = args.work / "reports"
-        report_jobs = Reports(reports, log)
+        noise = next((t.sweep_dir for t in topics if t.name == SEED_NOISE), None)
+        report_jobs = Reports(reports, log, noise)
         jobs = seed_major(topics)
         started = time.time()
         run_jobs(jobs, args, scale, log, report_jobs.start)
         say(log, f"runs: {time.time() - started:.0f} s")
         report_jobs.wait()
-        for topic in topics:
-            if not (reports / topic.name / "summary.md").is_file():
-                report_jobs.start(topic)
+        for topic in topics:  # again, all of them: every verdict against the final seed noise
+            report_jobs.start(topic)
         report_jobs.wait()
         summary = summary_markdown(plan, topics, jobs, reports, args.parallel)
         (args.out / "summary.md").write_text(summary)

@@ -251,14 +251,21 @@ def report_main(argv: list[str]) -> int:
     parser.add_argument("run_dirs", nargs="+", type=Path,
                         help="run folders holding TensorBoard event files, or one sweep folder (llmtrain sweep)")
     parser.add_argument("--out", type=Path, default=None, help="output folder (default: RUN_DIR/report)")
+    parser.add_argument("--noise", type=Path, default=None, metavar="SWEEP_DIR",
+                        help="a sweep of one config over several seeds (configs/ablations/seed_noise.yaml): its seed "
+                             "spread gives verdicts to cells with fewer than 2 seeds")
     args = parser.parse_args(argv)
+    if args.noise is not None and not is_sweep_dir(args.noise):
+        parser.error(f"--noise {args.noise}: not a sweep folder (made by `llmtrain sweep`)")
     out = args.out or args.run_dirs[0] / "report"
     try:
         if len(args.run_dirs) == 1 and is_sweep_dir(args.run_dirs[0]):
             from llmtrain.sweep_report import write_sweep_report
 
-            summary = write_sweep_report(args.run_dirs[0], out)
+            summary = write_sweep_report(args.run_dirs[0], out, args.noise)
         else:
+            if args.noise is not None:
+                parser.error("--noise applies to a sweep folder, not to run folders")
             summary = write_report(args.run_dirs, out)
     except FileNotFoundError as error:
         print(f"llmtrain report: {error}", file=sys.stderr)

@@ -128,14 +128,35 @@ def _count(n: int) -> str:
     return f"{n / 1e6:.2f}M" if n >= 1e6 else f"{n / 1e3:.1f}k" if n >= 1e3 else str(n)
 
 
-def compare(value: Spread, baseline: Spread) -> str:
-    """"no difference" when the mean ± std intervals overlap; a difference (lower/higher) only outside them."""
-    if value.n < 2 or baseline.n < 2:
-        return "n/a (needs ≥ 2 seeds each)"
+def compare(value: Spread, baseline: Spread, noise: Optional[Spread] = None) -> str:
+    """"no difference" when the mean ± std intervals overlap; a difference (lower/higher) only outside them.
+
+    With fewer than 2 seeds on a side, a measured seed noise (`noise`: one config over several seeds, e.g. the
+    suite's seed_noise topic) stands in for the missing spreads: the difference of the two means has standard
+    error σ·sqrt(1/n_value + 1/n_baseline) for independent seeds (paired seeds correlate, which only lowers it), and
+    it counts beyond 2 of those."""
     delta = value.mean - baseline.mean
-    if abs(delta) <= value.std + baseline.std:
-        return "no difference"
-    return "lower" if delta < 0 else "higher"
+    if value.n >= 2 and baseline.n >= 2:
+        if abs(delta) <= value.std + baseline.std:
+            return "no difference"
+        return "lower" if delta < 0 else "higher"
+    if value.n == 0 or baseline.n == 0:
+        return "-"
+    if noise is None or noise.n < 2:
+        return "n/a (needs ≥ 2 seeds each, or a seed-noise sweep)"
+    z = delta / (noise.std * math.sqrt(1 / value.n + 1 / baseline.n))
+    if abs(z) <= 2:
+        return f"no difference ({z:+.1f}σ)"
+    return f"{'lower' if delta < 0 else 'higher'} ({z:+.1f}σ)"
+
+
+def seed_noise(sweep_dir: Path) -> Spread:
+    """The seed spread of the final val loss in a sweep of one config over several seeds: its baseline variant's
+    finished runs at its first learning rate."""
+    manifest, records = load_sweep(sweep_dir)
+    runs = [r for r in records if r.variant == manifest["baseline"] and r.status == "finished"]
+    first_lr = min((r.lr for r in runs), key=lambda lr: (lr is not None, lr or 0.0), default=None)
+    return _cell([r for r in runs if r.lr == first_lr], "final_val_loss", _nats)
 
 
 def lr_sensitivity(losses: dict[float, list[float]], cap: float) -> float:
@@ -168,7 +189,7 @@ def _cell(records: list[RunRecord], key: str, fmt: Callable[[float], str] = _fmt
     return Spread.of([r.summary.get(key, math.nan) for r in records if r.summary], fmt)
 
 
-def sweep_table(manifest: dict[str, Any], records: list[RunRecord]) -> str:
+def sweep_table(manifest: dict[str, Any], records: list[RunRecord], noise: Optional[Spread] = None) -> str:
     lrs = sorted({r.lr for r in records}, key=lambda lr: (lr is None, lr))
     baseline = manifest["baseline"]
     lines = ["| variant | LR | runs ok | N (non-emb.) | d_model / n_layer / d_ff | final val loss | Δ vs baseline "
@@ -187,7 +208,7 @@ def sweep_table(manifest: dict[str, Any], records: list[RunRecord]) -> str:
                 delta, verdict = "", "baseline"
             else:
                 delta = f"{loss.mean - base_loss.mean:+.3f}" if loss.n and base_loss.n else "-"
-                verdict = compare(loss, base_loss)
+                verdict = compare(loss, base_loss, noise)
             diverged = [r for r in runs if r.status == "diverged"]
             div = f"{len(diverged)} ({', '.join(str(r.diverged_step) for r in diverged)})" if diverged else "0"
             other = [f"{sum(r.status == s for r in runs)} {s}" for s in ("failed", "pending")
@@ -312,8 +333,11 @@ def plot_sweep(manifest: dict[str, Any], records: list[RunRecord], out: Path, ca
 # ------------------------------------------------------------------------------------------------- report
 
 
-def write_sweep_report(sweep_dir: Path, out: Path) -> Path:
+def write_sweep_report(sweep_dir: Path, out: Path, noise_dir: Optional[Path] = None) -> Path:
+    """summary.md and PNGs of a sweep into `out`; `noise_dir`: a sweep of one config over several seeds whose spread
+    gives verdicts where this sweep has fewer than 2 seeds per cell (see compare)."""
     manifest, records = load_sweep(sweep_dir)
+    noise = seed_noise(noise_dir) if noise_dir is not None else None
     out.mkdir(parents=True, exist_ok=True)
     vocab = manifest.get("vocab_size")
     cap = math.log(vocab) if vocab else math.nan
@@ -333,10 +357,14 @@ def write_sweep_report(sweep_dir: Path, out: Path) -> Path:
              f"baseline: `{manifest['baseline']}`",
              f"- Runs: {len(records)}; " + ", ".join(f"{sum(r.status == s for r in records)} {s}"
                                                     for s in ("finished", "diverged", "failed", "pending")), ""]
+    if noise is not None:
+        text += [f"- Seed noise: final val loss {noise} over {noise.n} seeds of one config (`{noise_dir}`); where a "
+                 "cell has fewer than 2 seeds, its verdict compares the difference with it (kσ: the difference "
+                 "over its standard error, σ·sqrt(1/n + 1/n_baseline)).", ""]
     if len(seeds) < 3:
-        text += [f"**Fewer than 3 seeds ({len(seeds)})**: seed noise (~0.005-0.01 nats at small scale) is not "
-                 "measured well; no verdict here is a ranking.", ""]
-    text += ["## Results per variant and learning rate", "", sweep_table(manifest, records), "",
+        text += [f"**Fewer than 3 seeds ({len(seeds)})**: the spread of each cell is not measured well; no verdict "
+                 "here is a ranking.", ""]
+    text += ["## Results per variant and learning rate", "", sweep_table(manifest, records, noise), "",
              "Mean ± sample std over seeds. Losses, bpb, tokens/s, memory and wall time are over the runs that "
              "finished without diverging; the logit maxima over every run with events. Verdict: a variant differs "
              "from the baseline at the same LR only when the two mean ± std intervals do not overlap; otherwise "

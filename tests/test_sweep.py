@@ -209,6 +209,28 @@ def test_sweep_report_verdicts_divergence_and_lr_sensitivity(tmp_path):
         assert f"({png}.png)" in text
 
 
+def test_single_seed_verdicts_are_read_against_a_seed_noise_sweep(tmp_path):
+    noise, sweep = tmp_path / "noise", tmp_path / "sweep"
+    noise_runs = [fake_run(noise / "base" / "lr0.001" / f"seed{s}", "base", 1e-3, s, [5.0, v])
+                  for s, v in ((1, 3.50), (2, 3.55), (3, 3.60))]  # std 0.05
+    (noise / "sweep.json").write_text(json.dumps({"name": "seed_noise", "variants": ["base"], "baseline": "base",
+                                                  "seeds": [1, 2, 3], "lrs": [1e-3], "runs": noise_runs}))
+    runs = [fake_run(sweep / v / "lr0.001" / "seed1", v, 1e-3, 1, [5.0, val])
+            for v, val in (("base", 3.50), ("close", 3.45), ("far", 3.20))]
+    (sweep / "sweep.json").write_text(json.dumps({"name": "one_seed", "variants": ["base", "close", "far"],
+                                                  "baseline": "base", "seeds": [1], "lrs": [1e-3], "runs": runs}))
+
+    assert llmtrain_main(["report", str(sweep)]) == 0
+    assert "| -0.300 | n/a (needs ≥ 2 seeds each, or a seed-noise sweep) |" in (sweep / "report" / "summary.md").read_text()
+    assert llmtrain_main(["report", str(sweep), "--noise", str(noise)]) == 0
+    text = (sweep / "report" / "summary.md").read_text()
+    assert "- Seed noise: final val loss 3.550 ± 0.050 over 3 seeds" in text
+    # Standard error of a difference of two single runs: 0.05 * sqrt(2) = 0.0707.
+    assert "| -0.050 | no difference (-0.7σ) |" in text and "| -0.300 | lower (-4.2σ) |" in text
+    with pytest.raises(SystemExit):
+        llmtrain_main(["report", str(sweep), "--noise", str(tmp_path / "nowhere")])
+
+
 def tiny_base(corpus: dict[str, Path], path: Path) -> Path:
     """A few-step CPU config with throughput and logit monitors every 2 steps and no checkpoints (jsonargparse
     cannot override one entry of the callback list, so the list is written here)."""
@@ -256,6 +278,6 @@ def test_tiny_cpu_sweep_end_to_end(prepared_corpus, tmp_path, capsys, monkeypatc
     text = (out / "report" / "summary.md").read_text()
     assert "| variant | LR | runs ok |" in text
     assert "| gelu | base | 1/1 |" in text and "| swiglu | base | 1/1 |" in text
-    assert "Fewer than 3 seeds" in text and "n/a (needs ≥ 2 seeds each)" in text
+    assert "Fewer than 3 seeds" in text and "n/a (needs ≥ 2 seeds each, or a seed-noise sweep)" in text
     for png in ("val_loss_vs_tokens", "val_loss_vs_time"):
         assert (out / "report" / f"{png}.png").read_bytes()[:4] == b"\x89PNG"
