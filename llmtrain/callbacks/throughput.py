@@ -9,8 +9,10 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
 
-# Dense bf16 datasheet peaks (TFLOP/s, no sparsity), matched against torch.cuda.get_device_name().
-PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0, "L4": 121.0}
+# Dense bf16 datasheet peaks (TFLOP/s, no sparsity), matched against torch.cuda.get_device_name() in this order
+# (the first key the name contains wins: the PCIe and NVL H100s before the SXM one, "L40S" before "L4").
+PEAK_BF16_TFLOPS = {"H200": 989.0, "H100 PCIe": 756.0, "H100 NVL": 835.0, "H100": 989.0, "A100": 312.0,
+                    "L40S": 362.0, "A10G": 125.0, "L4": 121.0}
 
 
 def peak_tflops_for(device_name: str) -> Optional[float]:
