@@ -127,7 +127,8 @@ def check_world_size(folder: Path, world_size: int) -> None:
             f"{folder}: this ZeRO checkpoint was written by {saved} ranks, this run has {world_size}. ZeRO "
             f"partitions the optimizer state per rank and cannot resume on another world size: resume with "
             f"trainer.devices x trainer.num_nodes = {saved}. `llmtrain convert {folder} model.ckpt` gives its fp32 "
-            "weights in one file (without optimizer state); DeepSpeed's universal checkpoint "
+            "weights in one file (without optimizer state), which validate, test and generate read on any world "
+            "size; DeepSpeed's universal checkpoint "
             "(deepspeed.checkpoint.ds_to_universal) re-partitions optimizer state, which llmtrain does not load yet.")
 
 
