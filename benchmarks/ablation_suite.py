@@ -53,6 +53,7 @@ from llmtrain.sweep import SpecError, SweepSpec, expand_runs, read_result, write
 ABLATIONS = REPO / "configs" / "ablations"
 BASE = ABLATIONS / "base.yaml"
 BASE_STEPS, BASE_WIDTH = 10000, 512  # the shipped base's trainer.max_steps and d_model
+RESULTS = ("finished", "diverged")  # run statuses that are results (the others: failed, or no result at all)
 SEED_NOISE = "seed_noise"  # the base alone over its seeds: the spread every other topic is read against
 # In the order they run (a suite cut short by its time budget loses the last): the stability and component
 # questions first, the slow deep runs of aspect_ratio last.
@@ -316,7 +317,14 @@ def run_jobs(jobs: list[Job], args: argparse.Namespace, scale: Scale, log: TextI
     queue = list(jobs)
     running: list[Job] = []
     finished_walls: list[float] = []
-    statuses: list[str] = []
+    statuses: list[str] = []  # of the runs ended so far
+
+    def report_settled(candidates: list[Job]) -> None:
+        """Reports each topic of `candidates` whose runs have all ended, been stopped or been left out."""
+        for topic in {j.topic.name: j.topic for j in candidates}.values():
+            if all(j.state not in ("queued", "running") for j in jobs if j.topic is topic):
+                on_topic_done(topic)
+
     while queue or running:
         for job in [j for j in running if j.process.poll() is not None]:
             running.remove(job)
@@ -324,15 +332,14 @@ def run_jobs(jobs: list[Job], args: argparse.Namespace, scale: Scale, log: TextI
             finished_walls.append(job.ended - job.started)
             result = read_result(job.topic.sweep_dir / job.run.key) or {}
             status = result.get("status", f"no result (exit {job.process.returncode})")
-            if status in ("finished", "diverged"):  # a result: its end-of-run checkpoint (~0.4 GB) is not needed
+            if status in RESULTS:  # its end-of-run checkpoint (~0.4 GB) is not needed
                 shutil.rmtree(job.topic.sweep_dir / job.run.key / "checkpoints", ignore_errors=True)
             say(log, f"  {job.topic.name} {job.run.key}: {status} (started +{job.started - t0:.0f} s, "
                      f"took {job.ended - job.started:.0f} s)")
             statuses.append(status)
-            if all(j.state not in ("queued", "running") for j in jobs if j.topic is job.topic):
-                on_topic_done(job.topic)
-        if len(statuses) >= min(args.parallel, len(jobs)) and "finished" not in statuses \
-                and "diverged" not in statuses:
+            report_settled([job])
+        got_through = any(status in RESULTS for status in statuses)
+        if len(statuses) >= min(args.parallel, len(jobs)) and not got_through:
             # No run of the first wave got through: a set-up error (a missing package, bad data) that every other
             # run would repeat. Stop now rather than spend the budget on it.
             say(log, f"the first {len(statuses)} runs all failed: stopping the suite (see fit.log of any run)")
@@ -341,25 +348,21 @@ def run_jobs(jobs: list[Job], args: argparse.Namespace, scale: Scale, log: TextI
             queue.clear()
             stop(running, state="cancelled")
             running.clear()
-            for topic in {j.topic.name: j.topic for j in jobs}.values():
-                on_topic_done(topic)
+            report_settled(jobs)
             return
         # Observed run time once a few runs are in (x1.15 margin), else the assumed one.
         expected = 1.15 * statistics.median(finished_walls) if len(finished_walls) >= 2 else prior
         # While every run that ended so far has failed, the first wave is undecided: start nothing new until a run
         # gets through or the whole wave has failed (then the suite stops above).
-        undecided = bool(statuses) and not set(statuses) & {"finished", "diverged"}
+        undecided = bool(statuses) and not got_through
         while queue and len(running) < args.parallel and not undecided:
             if time.time() + expected > deadline:
                 for job in queue:
                     job.state = "not started"
                 say(log, f"time budget: {len(queue)} runs not started (each would take ~{expected:.0f} s, "
                          f"{max(0, deadline - time.time()):.0f} s left)")
-                topics_left = {j.topic.name: j.topic for j in queue}
-                queue.clear()
-                for topic in topics_left.values():
-                    if all(j.state not in ("queued", "running") for j in jobs if j.topic is topic):
-                        on_topic_done(topic)
+                left, queue[:] = list(queue), []
+                report_settled(left)
                 break
             job = queue.pop(0)
             start(job, log_dir, threads)
@@ -367,10 +370,8 @@ def run_jobs(jobs: list[Job], args: argparse.Namespace, scale: Scale, log: TextI
         if running and time.time() > deadline:
             say(log, f"time budget reached: stopping {len(running)} runs (reported as pending)")
             stop(running)
-            done_topics = {j.topic.name: j.topic for j in running}
-            running.clear()
-            for topic in done_topics.values():
-                on_topic_done(topic)
+            stopped, running[:] = list(running), []
+            report_settled(stopped)
         time.sleep(0.5)
 
 
