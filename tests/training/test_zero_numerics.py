@@ -137,13 +137,12 @@ def train_deepspeed(base, batches, stage: int, extra: dict):
     return losses, master, short, norms
 
 
-def train_reference(base, batches, round_init_to_bf16: bool):
+def train_reference(base, batches):
     """fp32 master weights, forward/backward on a bf16 copy, grads cast to fp32, clip 1.0, torch AdamW."""
     master = copy.deepcopy(base)
-    if round_init_to_bf16:  # as DeepSpeed does: its fp32 master is cloned from the bf16-cast module
-        with torch.no_grad():
-            for p in master.parameters():
-                p.copy_(p.to(torch.bfloat16).float())
+    with torch.no_grad():  # as DeepSpeed does: its fp32 master is cloned from the bf16-cast module
+        for p in master.parameters():
+            p.copy_(p.to(torch.bfloat16).float())
     optimizer = build_optimizer(master, OPTIM)
     low = copy.deepcopy(master).to(torch.bfloat16)
     losses, norms = [], []
@@ -173,8 +172,7 @@ def max_diff(a: dict, b: dict) -> float:
 def runs(dist_env, setup):
     base, batches = setup
     out = {name: train_deepspeed(base, batches, stage, extra) for name, (stage, extra, _) in VARIANTS.items()}
-    out["reference"] = train_reference(base, batches, round_init_to_bf16=True)
-    out["reference_fp32_init"] = train_reference(base, batches, round_init_to_bf16=False)
+    out["reference"] = train_reference(base, batches)
     out["init"] = (None, {name: p.detach().clone() for name, p in base.named_parameters()}, None, None)
     return out
 
