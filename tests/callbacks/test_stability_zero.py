@@ -1,5 +1,5 @@
-"""The stability monitors under DeepSpeed ZeRO-2 and ZeRO-3 over 2 ranks (CPU, gloo) give the values of the same monitors on
-a plain model trained on the same global batches: weights, gradients and updates through DeepSpeed's
+"""The stability monitors under DeepSpeed ZeRO-2 and ZeRO-3 over 2 ranks (CPU, gloo) give the values of the same
+monitors on a plain model trained on the same global batches: weights, gradients and updates through DeepSpeed's
 safe_get_full_* helpers, output and attention logits and activations through a probe forward that gathers the
 partitioned parameters. (Lightning refuses DeepSpeed on CPU, so the hooks are driven by hand around DeepSpeed's
 engine, as Lightning calls them.)"""
