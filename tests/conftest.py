@@ -42,11 +42,22 @@ def llmtrain(*args: str, cwd: Path | None = None, timeout: int = 600) -> subproc
     return result
 
 
+# DeepSpeed's CPU comm threads sometimes abort interpreter teardown ("terminate called without an active
+# exception", exit -6). Every rank waits until all have finished their work, then exits without teardown.
+RANKS_EPILOGUE = """
+import os, sys, torch.distributed
+if torch.distributed.is_initialized():
+    torch.distributed.barrier()
+sys.stdout.flush()
+os._exit(0)
+"""
+
+
 def run_deepspeed_ranks(script: str, args: list[str], world_size: int, timeout: int = 300) -> list[str]:
     """Runs `script` (Python source) as `world_size` DeepSpeed CPU processes over gloo, as a launcher would set
     them up, and fails with a rank's output if any rank fails; returns each rank's output."""
     folder = Path(tempfile.mkdtemp(prefix="ds_ranks_"))
-    (folder / "script.py").write_text(script)
+    (folder / "script.py").write_text(script + RANKS_EPILOGUE)
     port = str(29500 + random.Random().randrange(2000))
     procs = []
     for rank in range(world_size):

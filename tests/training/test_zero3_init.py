@@ -29,8 +29,7 @@ with deepspeed.zero.GatheredParameters(list(module.parameters())):
     zero3 = {k.removeprefix("model."): v.clone() for k, v in module.state_dict().items()}
 for key, value in plain.items():
     assert torch.equal(zero3[key], value), f"{key}: std {zero3[key].float().std():.4g} vs {value.float().std():.4g}"
-print("identical", len(plain), flush=True)
-os._exit(0)  # skip teardown: DeepSpeed's CPU comm threads sometimes abort it ("terminate called ...")
+print("identical", len(plain))
 """
 
 TINY = dict(vocab_size=96, max_seq_len=32, d_model=32, n_layer=2, n_head=4)
