@@ -3,6 +3,8 @@
   ZeRO folder X.ckpt/ (stage 1/2/3, any world size)  --\
                                                         +-> consolidated checkpoint -> one .ckpt file (convert)
   single-file Lightning checkpoint (DDP, one device)  --/                           -> HF Llama folder (export)
+  ZeRO folder X.ckpt/ ------------------------------------> universal checkpoint folder (convert --universal):
+                                                            resumes training on another number of ranks
 
 A consolidated checkpoint is a plain dict that `torch.load(weights_only=True)` accepts: `state_dict` (fp32,
 keys `model.<Decoder key>`), `hyper_parameters`, `llmtrain`, the step counters and `converted_from`; the
@@ -38,7 +40,8 @@ KEPT_ENTRIES = ("epoch", "global_step", "pytorch-lightning_version", "hparams_na
 # torch.compile. load_decoder strips the last two as well.
 WRAPPER_PREFIXES = ("_forward_module.", "_checkpoint_wrapped_module.", "_orig_mod.")
 
-RANK0_MODEL_STATES = ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_model_states.pt")
+ZERO3_RANK0_MODEL_STATES = "zero_pp_rank_0_mp_rank_00_model_states.pt"  # ZeRO-3 writes one model states file per rank
+RANK0_MODEL_STATES = ("mp_rank_00_model_states.pt", ZERO3_RANK0_MODEL_STATES)
 
 # DeepSpeed's optimizer shards pickle these plain-data classes besides tensors; nothing else is accepted.
 DEEPSPEED_SAFE_GLOBALS = (
@@ -91,6 +94,23 @@ def _read_lightning_file(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
 
 def _read_zero_folder(folder: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     """DeepSpeed's own gathering (zero_to_fp32) for the fp32 weights; Lightning's entries from rank 0's file."""
+    tag_dir, client_state = _verified_zero_folder(folder)
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    with contextlib.redirect_stdout(sys.stderr):  # DeepSpeed prints its progress; keep stdout for results
+        state_dict = get_fp32_state_dict_from_zero_checkpoint(str(folder), tag=tag_dir.name)
+    checkpoint = {key: client_state[key] for key in KEPT_ENTRIES if key in client_state}
+    checkpoint["state_dict"] = state_dict
+    zero = client_state.get("ds_config", {}).get("zero_optimization", {})
+    origin = {"format": "deepspeed", "zero_stage": zero.get("stage"), "world_size": client_state.get("dp_world_size"),
+              "tag": tag_dir.name, "deepspeed_version": client_state.get("ds_version")}
+    return checkpoint, origin
+
+
+def _verified_zero_folder(folder: Path) -> tuple[Path, dict[str, Any]]:
+    """The tag folder of a ZeRO checkpoint and rank 0's model states (Lightning's entries), once every file is
+    proven to hold nothing but tensors, containers and DeepSpeed's plain-data classes: DeepSpeed's own readers
+    unpickle with weights_only=False, and after this check that runs no foreign code."""
     tag_dir = _zero_tag_dir(folder)
     model_files = sorted(tag_dir.glob("*_model_states.pt"))
     optim_files = sorted(tag_dir.glob("*_optim_states.pt"))
@@ -105,8 +125,6 @@ def _read_zero_folder(folder: Path) -> tuple[dict[str, Any], dict[str, Any]]:
         raise CheckpointError(f"{folder}: no rank-0 model states file ({' or '.join(RANK0_MODEL_STATES)}) "
                               f"in {tag_dir}")
     client_state: dict[str, Any] = {}
-    # DeepSpeed's reader unpickles with weights_only=False; first prove that every file holds nothing but
-    # tensors, containers and DeepSpeed's plain-data classes, so the full unpickling runs no foreign code.
     with torch.serialization.safe_globals(_deepspeed_safe_globals()):
         for file in model_files + optim_files:
             try:
@@ -116,17 +134,7 @@ def _read_zero_folder(folder: Path) -> tuple[dict[str, Any], dict[str, Any]]:
                                       f"and DeepSpeed's plain-data classes: {_first_line(error)}") from error
             if file == rank0:
                 client_state = loaded
-
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-    with contextlib.redirect_stdout(sys.stderr):  # DeepSpeed prints its progress; keep stdout for results
-        state_dict = get_fp32_state_dict_from_zero_checkpoint(str(folder), tag=tag_dir.name)
-    checkpoint = {key: client_state[key] for key in KEPT_ENTRIES if key in client_state}
-    checkpoint["state_dict"] = state_dict
-    zero = client_state.get("ds_config", {}).get("zero_optimization", {})
-    origin = {"format": "deepspeed", "zero_stage": zero.get("stage"), "world_size": client_state.get("dp_world_size"),
-              "tag": tag_dir.name, "deepspeed_version": client_state.get("ds_version")}
-    return checkpoint, origin
+    return tag_dir, client_state
 
 
 def zero_world_size(folder: Path) -> Optional[int]:
@@ -140,6 +148,10 @@ def zero_world_size(folder: Path) -> Optional[int]:
 def _zero_tag_dir(folder: Path) -> Path:
     """The tag folder (Lightning's is `checkpoint`) that `latest` names."""
     latest = folder / "latest"
+    if not latest.is_file() and is_universal(folder):
+        raise CheckpointError(f"{folder}: a universal checkpoint (made by `llmtrain convert --universal`); it resumes "
+                              "training (`llmtrain fit --ckpt_path`), and convert and export read the ZeRO folder "
+                              "it was made from")
     if not latest.is_file():
         hint = (" (this looks like the tag folder inside one: pass its parent)"
                 if any(folder.glob("*_model_states.pt")) else "")
@@ -246,6 +258,50 @@ def convert_checkpoint(src: str, dst: str) -> Path:
     return final
 
 
+# ---------------------------------------------------------------------- universal checkpoint (any world size)
+
+UNIVERSAL_LATEST = "latest_universal"  # DeepSpeed's tag file for a universal checkpoint (`latest` for a plain one)
+
+
+def is_universal(folder: Path) -> bool:
+    """Whether `folder` is a DeepSpeed universal checkpoint (as `convert --universal` writes them)."""
+    return folder.is_dir() and (folder / UNIVERSAL_LATEST).is_file()
+
+
+def convert_to_universal(src: str, dst: str, workers: int = 4) -> Path:
+    """Writes DeepSpeed's universal checkpoint of the ZeRO folder `src` into the new folder `dst`, atomically.
+
+    A ZeRO folder holds each rank's slice of the flattened optimizer state, so it resumes only on the world size
+    that wrote it. DeepSpeed's ds_to_universal re-cuts it per parameter (`zero/<name>/{fp32,exp_avg,exp_avg_sq}.pt`,
+    whole tensors) and copies the model states files, which carry Lightning's entries (step, loops, schedulers,
+    callbacks, data position). ZeroStrategy loads the result on any number of ranks (docs/checkpoints.md).
+    """
+    folder, final = Path(src), Path(dst)
+    if not folder.is_dir():
+        raise CheckpointError(f"{src}: not a ZeRO checkpoint folder; a single-file checkpoint (DDP, one device) "
+                              "holds whole tensors and already resumes on any world size")
+    tag_dir, _ = _verified_zero_folder(folder)
+    if final.exists():
+        raise CheckpointError(f"destination {dst} exists; convert --universal writes a new folder and overwrites "
+                              "nothing")
+    from deepspeed.checkpoint import ds_to_universal
+
+    staging = final.with_name(f".tmp.{final.name}")
+    shutil.rmtree(staging, ignore_errors=True)  # left by an earlier kill
+    args = argparse.Namespace(input_folder=str(tag_dir), output_folder=str(staging / tag_dir.name),
+                              num_extract_workers=workers, num_merge_workers=max(1, workers // 2),
+                              keep_temp_folder=False, strict=True,
+                              inject_missing_state=True)  # Lightning does not write Megatron's universal info
+    try:
+        with contextlib.redirect_stdout(sys.stderr):  # DeepSpeed prints its progress; keep stdout for results
+            ds_to_universal.main(args)
+        (staging / UNIVERSAL_LATEST).write_text(tag_dir.name)
+        os.replace(staging, final)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return final
+
+
 def convert_main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(
         prog="llmtrain convert",
@@ -253,10 +309,19 @@ def convert_main(argv: list[str]) -> int:
                     "single-file Lightning checkpoint into one fp32 .ckpt file without optimizer state; "
                     "it loads with torch.load(weights_only=True) and works with `llmtrain generate` and export.")
     parser.add_argument("src", help="a ZeRO checkpoint folder (X.ckpt/) or a Lightning .ckpt file")
-    parser.add_argument("dst", help="the consolidated .ckpt file to write")
+    parser.add_argument("dst", help="the consolidated .ckpt file to write (with --universal: the new folder)")
+    parser.add_argument("--universal", action="store_true",
+                        help="write DeepSpeed's universal checkpoint of a ZeRO folder instead, with the optimizer "
+                             "state, to resume training on another number of GPUs (`llmtrain fit --ckpt_path DST`)")
+    parser.add_argument("--workers", type=int, default=4, help="processes for --universal (default 4)")
     args = parser.parse_args(argv)
+    if args.workers < 1:
+        parser.error(f"--workers={args.workers} is invalid: must be >= 1")
     try:
-        out = convert_checkpoint(args.src, args.dst)
+        if args.universal:
+            out = convert_to_universal(args.src, args.dst, args.workers)
+        else:
+            out = convert_checkpoint(args.src, args.dst)
     except (FileNotFoundError, ValueError) as error:
         print(f"llmtrain convert: error: {error}", file=sys.stderr)
         return 1

@@ -244,7 +244,8 @@ def test_convert_refuses_weights_that_do_not_fit_the_config(tmp_path: Path, caps
 
 # Trains LanguageModel 2 steps under deepspeed.initialize on CPU (gloo) and saves the way Lightning's
 # DeepSpeedStrategy.save_checkpoint does: engine.save_checkpoint(tag="checkpoint") with the Lightning
-# checkpoint minus state_dict/optimizer_states as client state. Rank 0 also saves the engine's fp32 weights.
+# checkpoint minus state_dict/optimizer_states as client state. Rank 0 also saves the engine's module weights, and
+# next to them (`.adam`) every parameter's fp32 master weight and Adam moments.
 ZERO_SCRIPT = r"""
 import json, os, random, sys
 from dataclasses import asdict
@@ -278,8 +279,12 @@ client_state = {
 engine.save_checkpoint(folder, client_state=client_state, tag="checkpoint")
 with deepspeed.zero.GatheredParameters(list(module.parameters())):
     weights = {k: v.detach().clone() for k, v in module.state_dict().items()}
+from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+adam = {name: {"fp32": safe_get_full_fp32_param(p), "exp_avg": safe_get_full_optimizer_state(p, "exp_avg"),
+               "exp_avg_sq": safe_get_full_optimizer_state(p, "exp_avg_sq")} for name, p in module.named_parameters()}
 if rank == 0:
     torch.save(weights, reference)
+    torch.save(adam, reference + ".adam")  # each parameter's fp32 master and Adam moments, whole
 """
 
 

@@ -16,7 +16,7 @@ from typing import Any, Optional
 
 from lightning.pytorch.strategies import DeepSpeedStrategy
 
-from llmtrain.checkpoint import zero_world_size
+from llmtrain.checkpoint import UNIVERSAL_LATEST, ZERO3_RANK0_MODEL_STATES, is_universal, zero_world_size
 
 ZERO_STAGES = (1, 2, 3)
 
@@ -112,8 +112,31 @@ class ZeroStrategy(DeepSpeedStrategy):
         previous = path.with_name(f".old.{path.name}")
         if not path.exists() and previous.exists():  # killed between the two renames of replace_folder
             checkpoint_path = previous
-        check_world_size(Path(checkpoint_path), self.world_size)
-        return super().load_checkpoint(checkpoint_path, weights_only)
+        folder = Path(checkpoint_path)
+        check_stage(folder, self.config["zero_optimization"]["stage"])
+        universal = is_universal(folder)
+        if not universal:
+            check_world_size(folder, self.world_size)
+        # DeepSpeed reads its config at load time to choose between `latest` with per-rank shards and a universal
+        # checkpoint's `latest_universal` with per-parameter state; the engine exists by now, so it is set there.
+        self.deepspeed_engine._config.load_universal_checkpoint = universal
+        try:
+            return super().load_checkpoint(checkpoint_path, weights_only)
+        finally:
+            self.deepspeed_engine._config.load_universal_checkpoint = False
+
+
+def check_stage(folder: Path, stage: int) -> None:
+    """Refuses a ZeRO-3 folder under ZeRO-1/2 and the reverse: their model states files differ (one per rank,
+    with partitioned parameters, under ZeRO-3), and DeepSpeed would fail on a missing file."""
+    tag_file = folder / ("latest" if (folder / "latest").is_file() else UNIVERSAL_LATEST)
+    if not folder.is_dir() or not tag_file.is_file():
+        return  # not a DeepSpeed folder: Lightning/DeepSpeed report it
+    saved_stage3 = (folder / tag_file.read_text().strip() / ZERO3_RANK0_MODEL_STATES).is_file()
+    if saved_stage3 != (stage == 3):
+        saved = "ZeRO-3" if saved_stage3 else "ZeRO-1/2"
+        raise ValueError(f"{folder}: written under {saved}, this run uses ZeRO-{stage}: resume with the stage that "
+                         f"wrote it, or `llmtrain convert {folder} model.ckpt` for its fp32 weights in one file")
 
 
 def check_world_size(folder: Path, world_size: int) -> None:
@@ -126,10 +149,10 @@ def check_world_size(folder: Path, world_size: int) -> None:
         raise ValueError(
             f"{folder}: this ZeRO checkpoint was written by {saved} ranks, this run has {world_size}. ZeRO "
             f"partitions the optimizer state per rank and cannot resume on another world size: resume with "
-            f"trainer.devices x trainer.num_nodes = {saved}. `llmtrain convert {folder} model.ckpt` gives its fp32 "
-            "weights in one file (without optimizer state), which validate, test and generate read on any world "
-            "size; DeepSpeed's universal checkpoint "
-            "(deepspeed.checkpoint.ds_to_universal) re-partitions optimizer state, which llmtrain does not load yet.")
+            f"trainer.devices x trainer.num_nodes = {saved}, or convert it once to DeepSpeed's universal "
+            f"checkpoint, which resumes on any world size: `llmtrain convert --universal {folder} "
+            f"{folder.with_name(folder.name.removesuffix('.ckpt') + '-universal.ckpt')}`, then --ckpt_path that "
+            "folder.")
 
 
 def replace_folder(staging: Path, final: Path) -> None:
