@@ -63,6 +63,26 @@ def summary(run_dir: Path) -> dict:
             "val_loss": list(scalars.get("val/loss", {0: float("nan")}).values())[-1]}
 
 
+def resumed_run(stage: str, args: argparse.Namespace, straight: dict[int, float]) -> dict:
+    tag = f"{stage}_resumed_{args.resume_via}"
+    fit(tag, STRATEGIES[stage], args, args.resume_at)
+    ckpt = "last"
+    if args.resume_via == "universal":  # what a job resumed on another number of GPUs does
+        saved = Path(args.runs) / tag / "checkpoints" / f"step{args.resume_at:07d}.ckpt"
+        ckpt = str(Path(args.runs) / f"{tag}-step{args.resume_at}-universal.ckpt")
+        with open(Path(args.out) / "log.txt", "a") as log:
+            cmd = [sys.executable, "-m", "llmtrain.cli", "convert", "--universal", str(saved), ckpt]
+            log.write(f"\n$ {' '.join(cmd)}\n")
+            log.flush()
+            if subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT).returncode != 0:
+                raise SystemExit(f"convert --universal failed; see {args.out}/log.txt")
+    fit(tag, STRATEGIES[stage], args, args.steps, "--ckpt_path", ckpt)
+    resumed = summary(Path(args.runs) / tag)
+    after = [s for s in resumed["loss"] if s >= args.resume_at and s in straight]
+    rel = max(abs(resumed["loss"][s] - straight[s]) / abs(straight[s]) for s in after)
+    return {**resumed, "resume_max_rel_diff": rel}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--config", default="configs/llama-124m.yaml")
@@ -71,6 +91,10 @@ def main() -> None:
     parser.add_argument("--micro_batch_size", type=int, default=16)
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--resume_at", type=int, default=100)
+    parser.add_argument("--resume_stage", type=int, choices=[1, 2, 3], default=3,
+                        help="the stage whose run is also stopped at --resume_at and resumed")
+    parser.add_argument("--resume_via", choices=["last", "universal"], default="last",
+                        help="resume from the checkpoint as saved, or from its `llmtrain convert --universal`")
     parser.add_argument("--runs", default="runs/zero_stages")
     parser.add_argument("--out", default="benchmark_out")
     parser.add_argument("--only", nargs="*", default=None, help="subset of strategy names")
@@ -84,16 +108,11 @@ def main() -> None:
         tag = name.replace(" ", "_")  # each name its own run folder
         fit(tag, extra, args, args.steps)
         results[name] = summary(Path(args.runs) / tag)
-    # ZeRO-3 stopped at resume_at and resumed: the loss after resuming must follow the uninterrupted run.
-    if not args.only or "ZeRO-3" in args.only:
-        fit("ZeRO-3_resumed", STRATEGIES["ZeRO-3"], args, args.resume_at)
-        fit("ZeRO-3_resumed", STRATEGIES["ZeRO-3"], args, args.steps, "--ckpt_path", "last")
-        resumed = summary(Path(args.runs) / "ZeRO-3_resumed")
-        straight = results["ZeRO-3"]["loss"]
-        after = [s for s in resumed["loss"] if s >= args.resume_at and s in straight]
-        rel = max(abs(resumed["loss"][s] - straight[s]) / abs(straight[s]) for s in after)
-        results["ZeRO-3 resumed"] = {**resumed, "resume_max_rel_diff": rel}
-
+    # Stopped at resume_at and resumed (from `last`, or from its universal conversion): the loss after resuming
+    # must follow the uninterrupted run of the same stage.
+    stage = f"ZeRO-{args.resume_stage}"
+    if not args.only or stage in args.only:
+        results[f"{stage} resumed ({args.resume_via})"] = resumed_run(stage, args, results[stage]["loss"])
     reference = results.get("single device", next(iter(results.values())))["loss"]
     lines = ["| strategy | tokens/s | peak GPU memory (GiB) | loss @ last step | max abs loss diff vs single device "
              "| val loss | resume check |", "|---|---|---|---|---|---|---|"]
