@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.strategies import DeepSpeedStrategy
 
 # Tool commands: name -> (module, function taking argv[1:] and returning an exit code). Imported lazily so
 # that `llmtrain fit` does not pay for them.
@@ -34,6 +35,8 @@ class LLMTrainCLI(LightningCLI):
             fit_args["ckpt_path"] = self._newest_checkpoint()
         elif fit_args.get("ckpt_path") is None:
             self._refuse_overwriting_a_run()
+        if fit_args.get("ckpt_path") is not None:
+            self._refuse_a_checkpoint_of_another_strategy(Path(fit_args["ckpt_path"]))
         # The resolved YAML travels inside every checkpoint (config.yaml beside the logs is written by Lightning).
         self.model.run_config = self._parser(self.subcommand).dump(self.config[self.subcommand], skip_none=False)
 
@@ -59,6 +62,20 @@ class LLMTrainCLI(LightningCLI):
         print(f"--ckpt_path last: no checkpoint under {', '.join(map(str, self._checkpoint_dirs()))}; "
               "starting a fresh run", file=sys.stderr)
         return None
+
+    def _refuse_a_checkpoint_of_another_strategy(self, path: Path) -> None:
+        """A ZeRO folder resumes only under ZeroStrategy, a single file only without DeepSpeed: say so before the
+        run starts, not as Lightning's IsADirectoryError or "not a valid DeepSpeed checkpoint" after setup."""
+        zero_run = isinstance(self.trainer.strategy, DeepSpeedStrategy)
+        if path.is_dir() and not zero_run:
+            raise SystemExit(
+                f"error: --ckpt_path {path} is a DeepSpeed ZeRO checkpoint folder, but this run's strategy is "
+                f"{type(self.trainer.strategy).__name__}: resume it under the ZeRO config that wrote it (--config "
+                f"configs/deepspeed/zero<stage>.yaml), or take its weights with `llmtrain convert {path} model.ckpt`")
+        if path.is_file() and zero_run:
+            raise SystemExit(
+                f"error: --ckpt_path {path} is a single-file checkpoint (DDP or one device), but this run uses "
+                "DeepSpeed ZeRO, which resumes only its own checkpoint folders: resume it without the ZeRO config")
 
     def _refuse_overwriting_a_run(self) -> None:
         """A fresh run into a folder that holds checkpoints would mix two runs: ask for resume or a new name."""

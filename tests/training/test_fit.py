@@ -89,6 +89,16 @@ def test_refuses_checkpoint_of_another_architecture(prepared_corpus, tmp_path):
                            "--ckpt_path", "last"))
 
 
+def test_refuses_a_zero_folder_without_deepspeed_before_training(prepared_corpus, tmp_path):
+    folder = tmp_path / "zero.ckpt"
+    (folder / "checkpoint").mkdir(parents=True)
+    (folder / "latest").write_text("checkpoint")
+    with pytest.raises(AssertionError, match=r"zero.ckpt is a DeepSpeed ZeRO checkpoint folder, but this run's "
+                                             r"strategy is SingleDeviceStrategy: resume it under the ZeRO config"):
+        llmtrain(*fit_args(prepared_corpus, tmp_path, "run", 4, "--ckpt_path", str(folder)))
+    assert not list(tmp_path.rglob("step*.ckpt"))  # refused before any training step
+
+
 def test_refuses_fresh_run_over_existing_checkpoints(prepared_corpus, tmp_path):
     llmtrain(*fit_args(prepared_corpus, tmp_path, "run", 4))
     with pytest.raises(AssertionError, match="already holds checkpoints"):
