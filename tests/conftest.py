@@ -80,3 +80,22 @@ def prepared_corpus(tmp_path_factory) -> dict[str, Path]:
     llmtrain("prepare", "--source", str(texts), "--tokenizer", str(root / "tok"), "--output", str(root / "shards"),
              "--val_fraction", "0.05")
     return {"texts": texts, "tokenizer": root / "tok", "shards": root / "shards"}
+
+
+@pytest.fixture(scope="session")
+def zero_folders(tmp_path_factory):
+    """get(stage, world_size, precision="fp32") -> (folder, engine weights): a ZeRO checkpoint of the tiny test
+    model (tests/test_checkpoint.py), written once per session by real DeepSpeed ranks and shared by the tests
+    that only read it; the engine's fp32 masters and Adam moments are in `folder.parent / "engine_weights.pt.adam"`."""
+    from tests.test_checkpoint import tiny, zero_checkpoint
+
+    cache: dict[tuple, tuple] = {}
+
+    def get(stage: int, world_size: int, precision: str = "fp32") -> tuple:
+        key = (stage, world_size, precision)
+        if key not in cache:
+            root = tmp_path_factory.mktemp(f"zero{stage}_ranks{world_size}_{precision}")
+            cache[key] = zero_checkpoint(root, stage, world_size, tiny(), precision)
+        return cache[key]
+
+    return get

@@ -301,8 +301,9 @@ def zero_checkpoint(tmp_path: Path, stage: int, world_size: int, config: ModelCo
 
 @pytest.mark.slow
 @pytest.mark.parametrize("stage, world_size", [(1, 1), (2, 1), (3, 1), (2, 2), (3, 2)])
-def test_convert_zero_folder_gives_the_engine_fp32_weights(tmp_path: Path, stage: int, world_size: int) -> None:
-    folder, engine_weights = zero_checkpoint(tmp_path, stage, world_size, tiny())
+def test_convert_zero_folder_gives_the_engine_fp32_weights(tmp_path: Path, zero_folders, stage: int,
+                                                           world_size: int) -> None:
+    folder, engine_weights = zero_folders(stage, world_size)
     assert (folder / "checkpoint").is_dir() and (folder / "latest").read_text().strip() == "checkpoint"
     # Resuming pins the world size (ZeroStrategy.load_checkpoint): the same one passes, another is refused early.
     assert zero_world_size(folder) == world_size
@@ -325,8 +326,8 @@ def test_convert_zero_folder_gives_the_engine_fp32_weights(tmp_path: Path, stage
 
 
 @pytest.mark.slow
-def test_convert_zero_bf16_gives_the_fp32_master_weights(tmp_path: Path) -> None:
-    folder, engine_weights = zero_checkpoint(tmp_path, 2, 1, tiny(), precision="bf16")
+def test_convert_zero_bf16_gives_the_fp32_master_weights(tmp_path: Path, zero_folders) -> None:
+    folder, engine_weights = zero_folders(2, 1, "bf16")
     decoder, _ = load_decoder(str(convert_checkpoint(str(folder), str(tmp_path / "model.ckpt"))))
     state = decoder.state_dict()
     for key, value in engine_weights.items():

@@ -14,7 +14,7 @@ import torch
 from llmtrain.checkpoint import CheckpointError, convert_main, convert_to_universal, load_consolidated
 from llmtrain.training.strategy import check_stage
 from tests.conftest import run_deepspeed_ranks
-from tests.test_checkpoint import TINY, save_lightning_style, random_decoder, tiny, zero_checkpoint
+from tests.test_checkpoint import TINY, random_decoder, save_lightning_style, tiny
 
 # The resuming side: a fresh engine of this world size, loaded through ZeroStrategy.load_checkpoint exactly as
 # Lightning calls it in a fit (Lightning itself refuses DeepSpeed on CPU, so the strategy gets the engine and the
@@ -62,15 +62,16 @@ if int(os.environ["RANK"]) == 0:
 @pytest.mark.slow
 @pytest.mark.parametrize("stage, saved_ranks, resumed_ranks, precision",
                          [(2, 2, 1, "fp32"), (3, 2, 1, "fp32"), (2, 1, 2, "bf16")])
-def test_universal_checkpoint_resumes_on_another_world_size(tmp_path: Path, stage: int, saved_ranks: int,
-                                                            resumed_ranks: int, precision: str) -> None:
-    folder, _ = zero_checkpoint(tmp_path, stage, saved_ranks, tiny(), precision)
+def test_universal_checkpoint_resumes_on_another_world_size(tmp_path: Path, zero_folders, stage: int,
+                                                            saved_ranks: int, resumed_ranks: int,
+                                                            precision: str) -> None:
+    folder, _ = zero_folders(stage, saved_ranks, precision)
     universal = tmp_path / "universal.ckpt"
     assert convert_main(["--universal", "--workers", "1", str(folder), str(universal)]) == 0
     assert (universal / "latest_universal").read_text() == "checkpoint" and not (universal / "latest").exists()
     assert not list(tmp_path.glob(".tmp.*"))  # the staging folder is gone
     fields = json.dumps({k: getattr(tiny(), k) for k in TINY} | {"tie_embeddings": False})
-    outputs = run_deepspeed_ranks(LOAD_SCRIPT, [str(stage), str(universal), str(tmp_path / "engine_weights.pt.adam"),
+    outputs = run_deepspeed_ranks(LOAD_SCRIPT, [str(stage), str(universal), str(folder.parent / "engine_weights.pt.adam"),
                                                 fields, precision], resumed_ranks)
     assert "restored" in outputs[0] and "Adam steps [2]" in outputs[0], outputs[0][-2000:]
 
