@@ -15,8 +15,10 @@ from pathlib import Path
 from typing import Any, Optional
 
 from lightning.pytorch.strategies import DeepSpeedStrategy
+from lightning.pytorch.utilities import rank_zero_warn
 
-from llmtrain.checkpoint import UNIVERSAL_LATEST, ZERO3_RANK0_MODEL_STATES, is_universal, zero_world_size
+from llmtrain.checkpoint import (UNIVERSAL_LATEST, ZERO3_RANK0_MODEL_STATES, convert_to_universal, is_universal,
+                                 zero_world_size)
 
 ZERO_STAGES = (1, 2, 3)
 
@@ -82,12 +84,17 @@ class ZeroStrategy(DeepSpeedStrategy):
         param_persistence_threshold: int = 100_000,
         offload_optimizer: bool = False,
         offload_parameters: bool = False,
+        reshard_on_resume: bool = False,
         logging_level: int = logging.WARN,
     ) -> None:
+        """Args as in zero_config, and `reshard_on_resume`: a ZeRO folder written by another number of ranks is
+        converted once to DeepSpeed's universal checkpoint beside it (`<step>-universal.ckpt`, about 3x the fp32
+        model on disk; reused if there) and resumed from that, instead of being refused."""
         config = zero_config(stage, overlap_comm, contiguous_gradients, reduce_bucket_size, allgather_bucket_size,
                              prefetch_bucket_size, param_persistence_threshold, offload_optimizer,
                              offload_parameters)
         super().__init__(config=config, logging_level=logging_level)
+        self.reshard_on_resume = reshard_on_resume
 
     def _auto_select_batch_size(self) -> int:
         # Lightning reads batch_sampler.batch_size, which an iterable DataLoader (ours) does not have.
@@ -114,6 +121,8 @@ class ZeroStrategy(DeepSpeedStrategy):
             checkpoint_path = previous
         folder = Path(checkpoint_path)
         check_stage(folder, self.config["zero_optimization"]["stage"])
+        if self.reshard_on_resume and zero_world_size(folder) not in (None, self.world_size):
+            folder = checkpoint_path = self._universal_copy(folder)
         universal = is_universal(folder)
         if not universal:
             check_world_size(folder, self.world_size)
@@ -124,6 +133,31 @@ class ZeroStrategy(DeepSpeedStrategy):
             return super().load_checkpoint(checkpoint_path, weights_only)
         finally:
             self.deepspeed_engine._config.load_universal_checkpoint = False
+
+    def _universal_copy(self, folder: Path) -> Path:
+        """Rank 0 converts `folder` to a universal checkpoint beside it (or finds the one made before), the other
+        ranks wait; a failure is raised on every rank, not left as a hang at the barrier."""
+        folder = folder.resolve()  # `last.ckpt` is a link: name the copy after the step it points to
+        target = folder.with_name(folder.name.removesuffix(".ckpt") + "-universal.ckpt")
+        error = None
+        if self.is_global_zero and is_universal(target) and _older(target / UNIVERSAL_LATEST, folder / "latest"):
+            shutil.rmtree(target)  # made from an earlier save of this step (saved again after a rollback)
+        if self.is_global_zero and not is_universal(target):
+            rank_zero_warn(f"ZeroStrategy: {folder} was written by {zero_world_size(folder)} ranks, this run has "
+                           f"{self.world_size}: converting it to a universal checkpoint, {target}")
+            try:
+                # One process: a pool forked from a process that holds a CUDA context must not touch CUDA.
+                convert_to_universal(str(folder), str(target), workers=1)
+            except Exception as exc:  # every rank must hear of it
+                error = f"{type(exc).__name__}: {exc}"
+        error = self.broadcast(error)
+        if error is not None:
+            raise RuntimeError(f"ZeroStrategy(reshard_on_resume=True): converting {folder} failed: {error}")
+        return target
+
+
+def _older(a: Path, b: Path) -> bool:
+    return a.stat().st_mtime_ns < b.stat().st_mtime_ns
 
 
 def check_stage(folder: Path, stage: int) -> None:
@@ -152,7 +186,7 @@ def check_world_size(folder: Path, world_size: int) -> None:
             f"trainer.devices x trainer.num_nodes = {saved}, or convert it once to DeepSpeed's universal "
             f"checkpoint, which resumes on any world size: `llmtrain convert --universal {folder} "
             f"{folder.with_name(folder.name.removesuffix('.ckpt') + '-universal.ckpt')}`, then --ckpt_path that "
-            "folder.")
+            "folder (or set trainer.strategy.init_args.reshard_on_resume=true to have it done on resume).")
 
 
 def replace_folder(staging: Path, final: Path) -> None:

@@ -1,18 +1,20 @@
 """A ZeRO folder resumes on another number of ranks through DeepSpeed's universal checkpoint:
-`llmtrain convert --universal` writes it, ZeroStrategy.load_checkpoint loads it into a DeepSpeed engine of another
-world size, and every parameter's fp32 master weight and Adam moments come back whole and exact, with Lightning's
-entries (the step, loops, schedulers) beside them."""
+`llmtrain convert --universal` writes it (or ZeroStrategy itself, with reshard_on_resume), ZeroStrategy.load_checkpoint
+loads it into a DeepSpeed engine of another world size, and every parameter's fp32 master weight and Adam moments
+come back whole and exact, with Lightning's entries (the step, loops, schedulers) beside them."""
 
 from __future__ import annotations
 
 import json
+import shutil
+import time
 from pathlib import Path
 
 import pytest
 import torch
 
-from llmtrain.checkpoint import CheckpointError, convert_main, convert_to_universal, load_consolidated
-from llmtrain.training.strategy import check_stage
+from llmtrain.checkpoint import CheckpointError, convert_main, convert_to_universal, is_universal, load_consolidated
+from llmtrain.training.strategy import ZeroStrategy, check_stage
 from tests.conftest import run_deepspeed_ranks
 from tests.test_checkpoint import TINY, random_decoder, save_lightning_style, tiny
 
@@ -24,6 +26,7 @@ import json, os, sys
 from types import SimpleNamespace
 import torch, deepspeed
 from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+from lightning.fabric.plugins.environments import LightningEnvironment
 from lightning.pytorch.trainer.states import TrainerFn
 from llmtrain.model import ModelConfig
 from llmtrain.training.module import LanguageModel
@@ -31,22 +34,30 @@ from llmtrain.training.strategy import ZeroStrategy
 
 stage, folder, reference = int(sys.argv[1]), sys.argv[2], sys.argv[3]
 module = LanguageModel(ModelConfig(**json.loads(sys.argv[4])))
-bf16 = sys.argv[5] == "bf16"
+bf16, reshard = sys.argv[5] == "bf16", sys.argv[6] == "reshard_on_resume"
 ds_config = {"train_micro_batch_size_per_gpu": 2, "zero_optimization": {"stage": stage}, "bf16": {"enabled": bf16},
              "optimizer": {"type": "AdamW", "params": {"lr": 1e-2, "torch_adam": True}}}
 with deepspeed.zero.Init(config_dict_or_path=ds_config) if stage == 3 else torch.device("cpu"):
     module.configure_model()
 engine, *_ = deepspeed.initialize(model=module, model_parameters=module.parameters(), config=ds_config)
-strategy = ZeroStrategy(stage=stage)
+strategy = ZeroStrategy(stage=stage, reshard_on_resume=reshard)
+strategy.cluster_environment = LightningEnvironment()  # the rank and world size, as Lightning sets them up
+strategy.cluster_environment.set_global_rank(int(os.environ["RANK"]))
+strategy.cluster_environment.set_world_size(int(os.environ["WORLD_SIZE"]))
 strategy.model, strategy._lightning_module = engine, module
 module._trainer = SimpleNamespace(state=SimpleNamespace(fn=TrainerFn.FITTING))
-client_state = strategy.load_checkpoint(folder)
-loaded = {name: {"fp32": safe_get_full_fp32_param(p), "exp_avg": safe_get_full_optimizer_state(p, "exp_avg"),
-                 "exp_avg_sq": safe_get_full_optimizer_state(p, "exp_avg_sq")} for name, p in module.named_parameters()}
+try:
+    client_state = strategy.load_checkpoint(folder)
+except RuntimeError as error:  # every rank reports it (the test of a failed conversion)
+    print("refused:", error)
+    client_state = None
+full_state = lambda p: {"fp32": safe_get_full_fp32_param(p), "exp_avg": safe_get_full_optimizer_state(p, "exp_avg"),
+                        "exp_avg_sq": safe_get_full_optimizer_state(p, "exp_avg_sq")}
+loaded = {} if client_state is None else {name: full_state(p) for name, p in module.named_parameters()}
 steps = {int(s["step"]) for s in engine.optimizer.optimizer.state.values()}
 with deepspeed.zero.GatheredParameters(list(module.parameters())):
     module_weights = {name: p.detach().clone() for name, p in module.named_parameters()}
-if int(os.environ["RANK"]) == 0:
+if client_state is not None and int(os.environ["RANK"]) == 0:
     expected = torch.load(reference, weights_only=True)
     assert set(loaded) == set(expected), sorted(set(loaded) ^ set(expected))
     for name, states in expected.items():
@@ -60,23 +71,58 @@ if int(os.environ["RANK"]) == 0:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("stage, saved_ranks, resumed_ranks, precision",
-                         [(2, 2, 1, "fp32"), (3, 2, 1, "fp32"), (2, 1, 2, "bf16")])
+@pytest.mark.parametrize("stage, saved_ranks, resumed_ranks, precision, via", [
+    (2, 2, 1, "fp32", "convert"), (3, 2, 1, "fp32", "convert"), (2, 1, 2, "bf16", "convert"),
+    (2, 1, 2, "bf16", "reshard_on_resume"), (3, 2, 1, "fp32", "reshard_on_resume"),
+])
 def test_universal_checkpoint_resumes_on_another_world_size(tmp_path: Path, zero_folders, stage: int,
-                                                            saved_ranks: int, resumed_ranks: int,
-                                                            precision: str) -> None:
-    folder, _ = zero_folders(stage, saved_ranks, precision)
-    universal = tmp_path / "universal.ckpt"
-    assert convert_main(["--universal", "--workers", "1", str(folder), str(universal)]) == 0
-    assert (universal / "latest_universal").read_text() == "checkpoint" and not (universal / "latest").exists()
-    assert not list(tmp_path.glob(".tmp.*"))  # the staging folder is gone
+                                                            saved_ranks: int, resumed_ranks: int, precision: str,
+                                                            via: str) -> None:
+    shared, _ = zero_folders(stage, saved_ranks, precision)
+    folder = Path(shutil.copytree(shared, tmp_path / "step0000002.ckpt"))
+    universal = tmp_path / "step0000002-universal.ckpt"  # where reshard_on_resume puts it
+    if via == "convert":
+        assert convert_main(["--universal", "--workers", "1", str(folder), str(universal)]) == 0
+        assert (universal / "latest_universal").read_text() == "checkpoint" and not (universal / "latest").exists()
+        assert not list(tmp_path.glob(".tmp.*"))  # the staging folder is gone
     fields = json.dumps({k: getattr(tiny(), k) for k in TINY} | {"tie_embeddings": False})
-    outputs = run_deepspeed_ranks(LOAD_SCRIPT, [str(stage), str(universal), str(folder.parent / "engine_weights.pt.adam"),
-                                                fields, precision], resumed_ranks)
+    loaded = universal if via == "convert" else folder
+    outputs = run_deepspeed_ranks(LOAD_SCRIPT, [str(stage), str(loaded), str(shared.parent / "engine_weights.pt.adam"),
+                                                fields, precision, via], resumed_ranks)
     assert "restored" in outputs[0] and "Adam steps [2]" in outputs[0], outputs[0][-2000:]
+    assert (universal / "latest_universal").is_file() and (folder / "latest").is_file()  # the source is untouched
 
 
-def test_convert_universal_refuses_a_file_an_existing_destination_and_converting_back(tmp_path: Path) -> None:
+@pytest.mark.slow
+def test_a_failed_reshard_on_resume_is_raised_on_every_rank(tmp_path: Path, zero_folders) -> None:
+    shared, _ = zero_folders(2, 1, "bf16")
+    folder = Path(shutil.copytree(shared, tmp_path / "step0000002.ckpt"))
+    (tmp_path / "step0000002-universal.ckpt").mkdir()  # in the way, and not a universal checkpoint
+    fields = json.dumps({k: getattr(tiny(), k) for k in TINY} | {"tie_embeddings": False})
+    outputs = run_deepspeed_ranks(LOAD_SCRIPT, [str(2), str(folder), "unused", fields, "bf16", "reshard_on_resume"], 2)
+    for output in outputs:  # rank 1 hears of rank 0's failure instead of waiting for it
+        assert "refused: ZeroStrategy(reshard_on_resume=True): converting" in output, output[-2000:]
+        assert "step0000002-universal.ckpt exists; convert --universal writes a new folder" in output
+    assert not any((tmp_path / "step0000002-universal.ckpt").iterdir())  # nothing written into it
+
+
+@pytest.mark.slow
+def test_reshard_on_resume_reuses_its_copy_unless_the_step_was_saved_again(tmp_path: Path, zero_folders) -> None:
+    shared, _ = zero_folders(2, 2)
+    folder = Path(shutil.copytree(shared, tmp_path / "step0000002.ckpt"))
+    (tmp_path / "last.ckpt").symlink_to(folder.name)
+    strategy = ZeroStrategy(stage=2, reshard_on_resume=True)  # one process: rank 0 of a world of 1
+    target = strategy._universal_copy(tmp_path / "last.ckpt")
+    assert target == (tmp_path / "step0000002-universal.ckpt").resolve() and is_universal(target)
+    made = (target / "latest_universal").stat().st_mtime_ns
+    assert strategy._universal_copy(folder) == target and (target / "latest_universal").stat().st_mtime_ns == made
+    time.sleep(0.01)
+    (folder / "latest").write_text("checkpoint")  # the step saved again (after a rollback): the copy is stale
+    strategy._universal_copy(folder)
+    assert (target / "latest_universal").stat().st_mtime_ns > made and is_universal(target)
+
+
+def test_convert_universal_refuses_a_file_a_broken_source_and_a_universal_source(tmp_path: Path) -> None:
     src = save_lightning_style(tmp_path / "model.ckpt", random_decoder(tiny()))
     with pytest.raises(CheckpointError, match="not a ZeRO checkpoint folder; a single-file checkpoint .* already "
                                               "resumes on any world size"):
@@ -84,9 +130,9 @@ def test_convert_universal_refuses_a_file_an_existing_destination_and_converting
     folder = tmp_path / "zero.ckpt" / "checkpoint"
     folder.mkdir(parents=True)
     (folder.parent / "latest").write_text("checkpoint")
-    (tmp_path / "exists.ckpt").mkdir()
-    with pytest.raises(CheckpointError, match="no \\*_model_states.pt"):  # the source is checked first
-        convert_to_universal(str(folder.parent), str(tmp_path / "exists.ckpt"))
+    with pytest.raises(CheckpointError, match="no \\*_model_states.pt"):
+        convert_to_universal(str(folder.parent), str(tmp_path / "out.ckpt"))
+    assert not (tmp_path / "out.ckpt").exists()
     universal = tmp_path / "u.ckpt"
     (universal / "checkpoint").mkdir(parents=True)
     (universal / "latest_universal").write_text("checkpoint")
