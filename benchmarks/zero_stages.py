@@ -44,13 +44,18 @@ def fit(name: str, extra: list[str], args: argparse.Namespace, steps: int, *more
            "--model.config.vocab_size", str(args.vocab_size),
            "--data.data_dir", args.data_dir, "--data.micro_batch_size", str(args.micro_batch_size), *more]
     start = time.time()
+    run_logged(name, cmd, args)
+    return time.time() - start
+
+
+def run_logged(name: str, cmd: list[str], args: argparse.Namespace) -> None:
+    """Runs `cmd` with its output appended to --out/log.txt; stops the benchmark if it fails."""
     with open(Path(args.out) / "log.txt", "a") as log:
         log.write(f"\n$ {' '.join(cmd)}\n")
         log.flush()
         code = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT).returncode
     if code != 0:
         raise SystemExit(f"{name} failed with exit code {code}; see {args.out}/log.txt")
-    return time.time() - start
 
 
 def summary(run_dir: Path) -> dict:
@@ -70,12 +75,8 @@ def resumed_run(stage: str, args: argparse.Namespace, straight: dict[int, float]
     if args.resume_via == "universal":  # what a job resumed on another number of GPUs does
         saved = Path(args.runs) / tag / "checkpoints" / f"step{args.resume_at:07d}.ckpt"
         ckpt = str(Path(args.runs) / f"{tag}-step{args.resume_at}-universal.ckpt")
-        with open(Path(args.out) / "log.txt", "a") as log:
-            cmd = [sys.executable, "-m", "llmtrain.cli", "convert", "--universal", str(saved), ckpt]
-            log.write(f"\n$ {' '.join(cmd)}\n")
-            log.flush()
-            if subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT).returncode != 0:
-                raise SystemExit(f"convert --universal failed; see {args.out}/log.txt")
+        run_logged("convert --universal", [sys.executable, "-m", "llmtrain.cli", "convert", "--universal",
+                                           str(saved), ckpt], args)
     fit(tag, STRATEGIES[stage], args, args.steps, "--ckpt_path", ckpt)
     resumed = summary(Path(args.runs) / tag)
     after = [s for s in resumed["loss"] if s >= args.resume_at and s in straight]
