@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import shutil
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
@@ -16,7 +17,7 @@ import torch
 from llmtrain.checkpoint import CheckpointError, convert_main, convert_to_universal, is_universal, load_consolidated
 from llmtrain.training.strategy import ZeroStrategy, check_stage
 from tests.conftest import run_deepspeed_ranks
-from tests.test_checkpoint import TINY, random_decoder, save_lightning_style, tiny
+from tests.test_checkpoint import random_decoder, save_lightning_style, tiny
 
 # The resuming side: a fresh engine of this world size, loaded through ZeroStrategy.load_checkpoint exactly as
 # Lightning calls it in a fit (Lightning itself refuses DeepSpeed on CPU, so the strategy gets the engine and the
@@ -69,6 +70,8 @@ if client_state is not None and int(os.environ["RANK"]) == 0:
     print("restored", len(loaded), "parameters; Adam steps", sorted(steps))
 """
 
+TINY_JSON = json.dumps(asdict(tiny()))  # the model of the zero_folders checkpoints, for LOAD_SCRIPT
+
 
 @pytest.mark.slow
 @pytest.mark.parametrize("stage, saved_ranks, resumed_ranks, precision, via", [
@@ -85,10 +88,9 @@ def test_universal_checkpoint_resumes_on_another_world_size(tmp_path: Path, zero
         assert convert_main(["--universal", "--workers", "1", str(folder), str(universal)]) == 0
         assert (universal / "latest_universal").read_text() == "checkpoint" and not (universal / "latest").exists()
         assert not list(tmp_path.glob(".tmp.*"))  # the staging folder is gone
-    fields = json.dumps({k: getattr(tiny(), k) for k in TINY} | {"tie_embeddings": False})
     loaded = universal if via == "convert" else folder
     outputs = run_deepspeed_ranks(LOAD_SCRIPT, [str(stage), str(loaded), str(shared.parent / "engine_weights.pt.adam"),
-                                                fields, precision, via], resumed_ranks)
+                                                TINY_JSON, precision, via], resumed_ranks)
     assert "restored" in outputs[0] and "Adam steps [2]" in outputs[0], outputs[0][-2000:]
     assert (universal / "latest_universal").is_file() and (folder / "latest").is_file()  # the source is untouched
 
@@ -98,8 +100,8 @@ def test_a_failed_reshard_on_resume_is_raised_on_every_rank(tmp_path: Path, zero
     shared, _ = zero_folders(2, 1, "bf16")
     folder = Path(shutil.copytree(shared, tmp_path / "step0000002.ckpt"))
     (tmp_path / "step0000002-universal.ckpt").mkdir()  # in the way, and not a universal checkpoint
-    fields = json.dumps({k: getattr(tiny(), k) for k in TINY} | {"tie_embeddings": False})
-    outputs = run_deepspeed_ranks(LOAD_SCRIPT, [str(2), str(folder), "unused", fields, "bf16", "reshard_on_resume"], 2)
+    args = ["2", str(folder), "unused", TINY_JSON, "bf16", "reshard_on_resume"]
+    outputs = run_deepspeed_ranks(LOAD_SCRIPT, args, world_size=2)
     for output in outputs:  # rank 1 hears of rank 0's failure instead of waiting for it
         assert "refused: ZeroStrategy(reshard_on_resume=True): converting" in output, output[-2000:]
         assert "step0000002-universal.ckpt exists; convert --universal writes a new folder" in output
