@@ -213,23 +213,27 @@ def loop(impl: str, shape: str, micro_batch: int, steps: int, warmup: int, vocab
 
 # ----------------------------------------------------------------------------------------------------------------
 # (c) llmtrain fit.
-def llmtrain_config(shape: str, steps: int, warmup: int, out: Path, levers: tuple[str, ...]) -> Path:
+def llmtrain_config(shape: str, args: argparse.Namespace, levers: tuple[str, ...]) -> Path:
     import yaml
 
+    steps, warmup, name = args.steps, args.warmup, f"llmtrain_{shape}_{'+'.join(levers) or 'shipped'}"
     config = yaml.safe_load((REPO / SHAPES[shape][4]).read_text())
     callbacks = []
     for entry in config["trainer"].get("callbacks") or []:
-        name = entry["class_path"].rsplit(".", 1)[-1]
-        args = entry.setdefault("init_args", {})
-        if name in STABILITY_CALLBACKS and "nostab" in levers:
+        callback = entry["class_path"].rsplit(".", 1)[-1]
+        init = entry.setdefault("init_args", {})
+        if callback in STABILITY_CALLBACKS and "nostab" in levers:
             continue
-        if name == "PeriodicCheckpoint":  # no checkpoint inside the run: one step interval past its end
-            args.update(every_n_steps=10 * steps, every_minutes=None)
-        if name == "Throughput":  # one window: steps warmup+1..steps
-            args.update(window=steps - warmup, warmup_steps=warmup)
+        if callback == "PeriodicCheckpoint":  # no checkpoint inside the run: one step interval past its end
+            init.update(every_n_steps=10 * (steps + args.profile), every_minutes=None)
+        if callback == "Throughput":  # one window: steps warmup+1..steps
+            init.update(window=steps - warmup, warmup_steps=warmup)
         callbacks.append(entry)
+    if args.profile:  # after the timed window: where the time of a step goes
+        callbacks.append({"class_path": "llmtrain.callbacks.StepProfiler", "init_args": {
+            "start_step": steps, "num_steps": args.profile, "output": str(args.out / f"profile_{name}.md")}})
     config["trainer"]["callbacks"] = callbacks
-    path = out / f"llmtrain_{shape}_{'+'.join(levers) or 'shipped'}.yaml"
+    path = args.out / f"{name}.yaml"
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     return path
 
@@ -237,11 +241,12 @@ def llmtrain_config(shape: str, steps: int, warmup: int, out: Path, levers: tupl
 def run_llmtrain(shape: str, micro_batch: int, levers: tuple[str, ...], args: argparse.Namespace) -> dict:
     from llmtrain.events import read_scalars
 
-    config = llmtrain_config(shape, args.steps, args.warmup, args.out, levers)
+    config = llmtrain_config(shape, args, levers)
     runs = args.out / "runs"
     name = f"llmtrain_{shape}_{'+'.join(levers) or 'shipped'}"
+    total = args.steps + args.profile
     cmd = [sys.executable, "-m", "llmtrain.cli", "fit", "--config", str(config),
-           "--trainer.max_steps", str(args.steps), "--model.optim.total_steps", str(args.steps),
+           "--trainer.max_steps", str(total), "--model.optim.total_steps", str(total),
            "--model.optim.warmup_steps", str(max(1, min(20, args.steps // 4))),
            "--trainer.limit_val_batches", "0", "--trainer.enable_progress_bar", "false",
            "--trainer.logger.init_args.save_dir", str(runs), "--trainer.logger.init_args.name", name,
@@ -382,6 +387,8 @@ def main() -> None:
                         help=f"llmtrain rows: 'shipped' or levers joined by '+' ({', '.join(LEVERS)})")
     parser.add_argument("--baseline_variants", nargs="+", default=["shipped"], choices=["shipped", "mb2x"],
                         help="baseline/litgpt rows: at the shape's micro-batch, and/or doubled")
+    parser.add_argument("--profile", type=int, default=0, metavar="N",
+                        help="llmtrain rows: profile N steps after the timed window (StepProfiler; profile_*.md)")
     parser.add_argument("--tiny", action="store_true",
                         help="CPU smoke test: tiny shape, few steps, no compile, fp32, no autocast, no fused AdamW")
     parser.add_argument("--_worker", choices=("baseline", "litgpt"), help=argparse.SUPPRESS)

@@ -14,6 +14,7 @@ import shutil
 from pathlib import Path
 from typing import Any, Optional
 
+import torch
 from lightning.pytorch.strategies import DeepSpeedStrategy
 from lightning.pytorch.utilities import rank_zero_warn
 
@@ -130,9 +131,12 @@ class ZeroStrategy(DeepSpeedStrategy):
         # checkpoint's `latest_universal` with per-parameter state; the engine exists by now, so it is set there.
         self.deepspeed_engine._config.load_universal_checkpoint = universal
         try:
-            return super().load_checkpoint(checkpoint_path, weights_only)
+            checkpoint = super().load_checkpoint(checkpoint_path, weights_only)
         finally:
             self.deepspeed_engine._config.load_universal_checkpoint = False
+        if universal:
+            place_adam_steps(getattr(self.deepspeed_engine.optimizer, "optimizer", None))
+        return checkpoint
 
     def _universal_copy(self, folder: Path) -> Path:
         """Rank 0 converts `folder` to a universal checkpoint beside it (or finds the one made before), the other
@@ -154,6 +158,21 @@ class ZeroStrategy(DeepSpeedStrategy):
         if error is not None:
             raise RuntimeError(f"ZeroStrategy(reshard_on_resume=True): converting {folder} failed: {error}")
         return target
+
+
+def place_adam_steps(optimizer: Optional[torch.optim.Optimizer]) -> None:
+    """DeepSpeed's universal loader puts each group's `step` back as it was saved, on the CPU; torch's fused and
+    capturable AdamW keep it as an fp32 tensor on the parameter's device and refuse it elsewhere (measured on an
+    H200: "state_steps is on cpu, different from other tensors on cuda:0" at the first step after resuming)."""
+    if optimizer is None:
+        return
+    for group in optimizer.param_groups:
+        if not (group.get("fused") or group.get("capturable")):
+            continue
+        for param in group["params"]:
+            step = optimizer.state.get(param, {}).get("step")
+            if torch.is_tensor(step) and step.device != param.device:
+                optimizer.state[param]["step"] = step.to(device=param.device, dtype=torch.float32)
 
 
 def _older(a: Path, b: Path) -> bool:

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from llmtrain.checkpoint import CheckpointError, convert_main, convert_to_universal, is_universal, load_consolidated
-from llmtrain.training.strategy import ZeroStrategy, check_stage
+from llmtrain.training.strategy import ZeroStrategy, check_stage, place_adam_steps
 from tests.conftest import run_deepspeed_ranks
 from tests.test_checkpoint import random_decoder, save_lightning_style, tiny
 
@@ -157,3 +157,16 @@ def test_check_stage_refuses_a_zero3_folder_under_zero2_and_the_reverse(tmp_path
     with pytest.raises(ValueError, match="z3.ckpt: written under ZeRO-3, this run uses ZeRO-2"):
         check_stage(tmp_path / "z3.ckpt", 2)
     check_stage(tmp_path / "model.ckpt", 3)  # not a folder: nothing to say
+
+
+def test_place_adam_steps_moves_fused_steps_to_the_parameters_device() -> None:
+    """The universal loader leaves `step` on the CPU; fused AdamW needs it beside its parameter (the GPU there;
+    the meta device stands in for it here). A foreach group keeps its CPU step, as torch's AdamW does."""
+    fused, plain = torch.nn.Parameter(torch.empty(3, device="meta")), torch.nn.Parameter(torch.empty(3))
+    optimizer = torch.optim.AdamW([{"params": [fused], "fused": True}, {"params": [plain], "foreach": True}])
+    optimizer.state[fused]["step"] = torch.tensor(7.0, dtype=torch.float64)
+    optimizer.state[plain]["step"] = torch.tensor(7.0)
+    place_adam_steps(optimizer)
+    assert optimizer.state[fused]["step"].device.type == "meta"
+    assert optimizer.state[fused]["step"].dtype == torch.float32
+    assert optimizer.state[plain]["step"].device.type == "cpu"

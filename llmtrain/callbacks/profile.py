@@ -1,0 +1,162 @@
+"""Where a training step's time goes: torch.profiler over a few optimizer steps, written as a markdown report."""
+
+from __future__ import annotations
+
+import os
+import re
+import time
+from typing import Any, Optional
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.utilities import rank_zero_warn
+from torch.profiler import ProfilerActivity
+
+OTHER_KERNELS = "other kernels"
+
+# Kernel name (lower-cased) -> category; the first pattern that matches wins, so the order is part of the table.
+# Inductor names its kernels after the aten ops fused into them ("triton_poi_fused__scaled_dot_product_..."), so
+# the triton_ prefix comes first; attention before matmul, because FlashAttention and cuDNN SDPA kernels carry
+# "cutlass"/"wgmma" in their names; multi_tensor_apply also covers foreach grad-norm clipping.
+KERNEL_CATEGORIES = (
+    ("compiled fused (triton)", re.compile(r"^triton_")),
+    ("communication", re.compile(r"nccl")),
+    ("attention", re.compile(r"flash|fmha|attention|sdpa")),
+    ("matmul", re.compile(r"gemm|gemv|cutlass|xmma|nvjet|cublas|wgmma")),
+    ("optimizer", re.compile(r"adam|multi_tensor_apply")),
+    ("memory copies/sets", re.compile(r"^memcpy|^memset")),
+)
+
+
+def kernel_category(name: str) -> str:
+    lowered = name.lower()
+    for category, pattern in KERNEL_CATEGORIES:
+        if pattern.search(lowered):
+            return category
+    return OTHER_KERNELS
+
+
+def self_device_us(evt: Any) -> float:
+    # self_device_time_total since torch 2.4; older torch names it self_cuda_time_total (deprecated since)
+    value = getattr(evt, "self_device_time_total", None)
+    return float(value if value is not None else evt.self_cuda_time_total)
+
+
+def cell(name: str, limit: int = 100) -> str:
+    name = name if len(name) <= limit else name[:limit - 1] + "…"
+    return name.replace("|", "\\|")
+
+
+class StepProfiler(pl.Callback):
+    """Profiles optimizer steps start_step .. start_step+num_steps-1 on global rank 0 and writes `output` (markdown,
+    default <log_dir>/profile.md): on CUDA, device time per kernel category and the top kernels; on CPU, the top ops.
+
+    The window is bracketed by torch.cuda.synchronize(), so it perturbs nothing after it but must not overlap a
+    timed window. Steps are counted by trainer.global_step, so gradient accumulation is profiled whole.
+    """
+
+    def __init__(self, start_step: int, num_steps: int = 5, output: Optional[str] = None,
+                 row_limit: int = 25) -> None:
+        if start_step < 1:
+            raise ValueError(f"StepProfiler: start_step={start_step} must be >= 1 (step 0 is compile/warm-up)")
+        if num_steps < 1:
+            raise ValueError(f"StepProfiler: num_steps={num_steps} must be >= 1")
+        if row_limit < 1:
+            raise ValueError(f"StepProfiler: row_limit={row_limit} must be >= 1")
+        self.start_step = start_step
+        self.num_steps = num_steps
+        self.output = output
+        self.row_limit = row_limit
+        self._path: Optional[str] = None
+        self._prof: Optional[torch.profiler.profile] = None
+        self._t0 = 0.0
+        self._done = False
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # trainer.log_dir broadcasts from rank 0, so every rank must ask for it, here, not rank 0 alone later
+        self._path = self.output or os.path.join(trainer.log_dir or trainer.default_root_dir, "profile.md")
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
+        if not trainer.is_global_zero or self._done or self._prof is not None:
+            return
+        if trainer.global_step != self.start_step:
+            return
+        cuda = torch.cuda.is_available()
+        self._prof = torch.profiler.profile(
+            activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else []))
+        if cuda:
+            torch.cuda.synchronize()  # the previous step's kernels are not this window's
+        self._prof.start()
+        self._t0 = time.perf_counter()
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        if self._prof is not None and trainer.global_step >= self.start_step + self.num_steps:
+            self._finish(trainer.global_step - self.start_step)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not trainer.is_global_zero:
+            return
+        if self._prof is not None:  # training stopped inside the window: report the steps it did record
+            self._finish(trainer.global_step - self.start_step)
+        elif not self._done:
+            rank_zero_warn(f"StepProfiler: no step profiled, training ended at global_step={trainer.global_step} "
+                           f"without starting step start_step={self.start_step}; no report written.")
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        if self._prof is not None:  # a profiler left running blocks the next one in this process
+            self._prof.stop()
+            self._prof = None
+
+    def _finish(self, steps: int) -> None:
+        cuda = torch.cuda.is_available()
+        if cuda:
+            torch.cuda.synchronize()  # the window's kernels have all run before the clock stops
+        wall_us = (time.perf_counter() - self._t0) * 1e6
+        self._prof.stop()
+        events = self._prof.key_averages()
+        self._prof, self._done = None, True
+        if steps < 1:  # stopped before the window's first optimizer step: no per-step figure to give
+            rank_zero_warn(f"StepProfiler: training ended inside step start_step={self.start_step}; no report.")
+            return
+        device = torch.cuda.get_device_name() if cuda else "CPU"
+        lines = [f"# Step profile: {device}, {steps} steps recorded, {wall_us / steps / 1e3:.2f} ms wall per step", ""]
+        lines += self._device_tables(events, steps, wall_us) if cuda else self._cpu_table(events, steps, wall_us)
+        os.makedirs(os.path.dirname(os.path.abspath(self._path)), exist_ok=True)
+        with open(self._path, "w") as f:
+            f.write("\n".join(lines) + "\n")
+
+    def _device_tables(self, events: Any, steps: int, wall_us: float) -> list[str]:
+        # record_function ranges (Optimizer.step#AdamW.step, ...) are mirrored on the device timeline as user
+        # annotations that span kernels; counting them would count those kernels twice (as torch's own table avoids)
+        kernels = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA
+                   and not getattr(e, "is_user_annotation", False)]
+        per_category = {category: 0.0 for category, _ in KERNEL_CATEGORIES}
+        per_category[OTHER_KERNELS] = 0.0
+        for evt in kernels:
+            per_category[kernel_category(evt.key)] += self_device_us(evt)
+        idle = max(0.0, wall_us - sum(per_category.values()))
+        lines = ["## Where the device time goes", "",
+                 ("Kernels on several streams (e.g. communication beside compute) can overlap, so the rows can sum "
+                  "past 100% and device idle is a lower bound."), "",
+                 "| category | ms/step | % of wall |", "|---|---:|---:|"]
+        by_time = sorted(per_category.items(), key=lambda item: item[1], reverse=True)
+        for category, us in [*by_time, ("device idle (wall − kernel time)", idle)]:
+            lines.append(f"| {category} | {us / steps / 1e3:.3f} | {100 * us / wall_us:.1f} |")
+        lines += ["", f"## Top {self.row_limit} kernels by device self time", ""]
+        kernels.sort(key=self_device_us, reverse=True)
+        return lines + self._rows("kernel", [(e.key, e.count, self_device_us(e)) for e in kernels], steps, wall_us)
+
+    def _cpu_table(self, events: Any, steps: int, wall_us: float) -> list[str]:
+        ops = sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)
+        lines = ["The device-time category table needs CUDA; on CPU the top ops by self CPU time follow.", "",
+                 f"## Top {self.row_limit} ops by self CPU time", ""]
+        return lines + self._rows("op", [(e.key, e.count, e.self_cpu_time_total) for e in ops], steps, wall_us)
+
+    def _rows(self, what: str, rows: list[tuple[str, int, float]], steps: int, wall_us: float) -> list[str]:
+        lines = [f"| {what} | calls | total ms | ms/step | % of wall |", "|---|---:|---:|---:|---:|"]
+        for name, calls, us in rows[:self.row_limit]:
+            lines.append(f"| {cell(name)} | {calls} | {us / 1e3:.3f} | {us / steps / 1e3:.3f} | "
+                         f"{100 * us / wall_us:.1f} |")
+        return lines

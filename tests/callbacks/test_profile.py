@@ -1,0 +1,103 @@
+"""StepProfiler: real CPU fits write a report of exactly the steps recorded (a full window, a window cut short by the
+end of training, none at all); the CUDA table, from key_averages()-shaped entries, adds up by hand; kernel_category
+sorts real Hopper kernel names."""
+
+from __future__ import annotations
+
+import re
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from llmtrain.callbacks import StepProfiler
+from llmtrain.callbacks.profile import kernel_category
+from llmtrain.training.module import LanguageModel
+from llmtrain.training.optim import OptimConfig
+from tests.callbacks import fit, random_batches, tiny_config
+
+OPTIM = OptimConfig(lr=3e-3, warmup_steps=1, total_steps=40)
+
+
+def top_ops(report: str) -> list[str]:
+    return re.findall(r"^\| (aten::\S+) \|", report, flags=re.MULTILINE)
+
+
+def test_a_full_window_reports_its_steps_and_the_ops_that_ran(tmp_path):
+    output = tmp_path / "p.md"
+    fit(LanguageModel(tiny_config(), OPTIM), random_batches(8),
+        [StepProfiler(start_step=2, num_steps=2, output=str(output))], max_steps=6)
+    report = output.read_text()
+    assert report.startswith("# Step profile: CPU, 2 steps recorded, ")
+    assert "needs CUDA" in report
+    assert "aten::mm" in top_ops(report)  # the decoder's linear layers (bias-free) on CPU
+
+
+def test_gradient_accumulation_is_counted_in_optimizer_steps_and_the_default_path_is_the_log_dir(tmp_path):
+    fit(LanguageModel(tiny_config(), OPTIM), random_batches(12), [StepProfiler(start_step=1, num_steps=2)],
+        max_steps=4, accumulate_grad_batches=2, logger=False, default_root_dir=str(tmp_path))
+    assert (tmp_path / "profile.md").read_text().startswith("# Step profile: CPU, 2 steps recorded, ")
+
+
+def test_training_that_ends_inside_the_window_reports_the_steps_it_recorded(tmp_path):
+    output = tmp_path / "p.md"
+    fit(LanguageModel(tiny_config(), OPTIM), random_batches(8),
+        [StepProfiler(start_step=2, num_steps=5, output=str(output))], max_steps=3)
+    assert output.read_text().startswith("# Step profile: CPU, 1 steps recorded, ")
+
+
+def test_a_start_step_never_reached_writes_nothing_and_warns(tmp_path):
+    output = tmp_path / "p.md"
+    with pytest.warns(UserWarning, match="start_step=10"):
+        fit(LanguageModel(tiny_config(), OPTIM), random_batches(8),
+            [StepProfiler(start_step=10, output=str(output))], max_steps=3)
+    assert not output.exists()
+
+
+def test_the_device_table_adds_kernel_self_time_by_category_and_skips_annotations() -> None:
+    # key_averages() entries as torch gives them on CUDA (times in µs); CI has no GPU, so the figures are by hand
+    cuda, cpu = torch.autograd.DeviceType.CUDA, torch.autograd.DeviceType.CPU
+
+    def evt(key: str, us: float, device_type=cuda, annotation: bool = False) -> SimpleNamespace:
+        return SimpleNamespace(key=key, count=4, self_device_time_total=us, device_type=device_type,
+                               is_user_annotation=annotation)
+
+    events = [evt("nvjet_tst_128x256_64x4_1x2_h_bz_coopA_NTT", 6000.0), evt("sm90_xmma_gemm_bf16_cublas", 2000.0),
+              evt("triton_red_fused_add_0", 1000.0), evt("Optimizer.step#AdamW.step", 5000.0, annotation=True),
+              evt("aten::mm", 8000.0, device_type=cpu)]
+    lines = StepProfiler(start_step=1, row_limit=2)._device_tables(events, steps=2, wall_us=10_000.0)
+    assert "| matmul | 4.000 | 80.0 |" in lines
+    assert "| compiled fused (triton) | 0.500 | 10.0 |" in lines
+    assert "| device idle (wall − kernel time) | 0.500 | 10.0 |" in lines
+    kernels = [line for line in lines if line.startswith(("| nvjet", "| sm90", "| triton", "| Optimizer", "| aten"))]
+    assert kernels == ["| nvjet_tst_128x256_64x4_1x2_h_bz_coopA_NTT | 4 | 6.000 | 3.000 | 60.0 |",
+                       "| sm90_xmma_gemm_bf16_cublas | 4 | 2.000 | 1.000 | 20.0 |"]
+
+
+@pytest.mark.parametrize("name, category", [
+    (("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x128x64_warpgroupsize1x1x1_execute_segment_k_off_kernel"
+      "__5x_cublas"), "matmul"),
+    ("nvjet_tst_128x256_64x4_1x2_h_bz_coopA_NTT", "matmul"),
+    (("void pytorch_flash::flash_fwd_kernel<Flash_fwd_kernel_traits<64, 128, 128, 4, false, false, "
+      "cutlass::bfloat16_t> >(...)"), "attention"),
+    ("cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16_knob_3_64x64x128_4x1x1_kernel0_0", "attention"),
+    ("triton_per_fused__to_copy_add_mean_mul_pow_rsqrt_0", "compiled fused (triton)"),
+    (("void at::native::(anonymous namespace)::multi_tensor_apply_kernel<at::native::(anonymous namespace)::"
+      "FusedOptimizerTensorListMetadata<4>, at::native::(anonymous namespace)::FusedAdamMathFunctor<float, 4, ...>"),
+     "optimizer"),
+    ("ncclDevKernel_AllReduce_Sum_bf16_RING_LL(ncclDevKernelArgsStorage<4096ul>)", "communication"),
+    ("Memcpy DtoD (Device -> Device)", "memory copies/sets"),
+    ("Memset (Device)", "memory copies/sets"),
+    ("void at::native::vectorized_elementwise_kernel<4, ...>", "other kernels"),
+])
+def test_kernel_category_of_hopper_kernels(name: str, category: str) -> None:
+    assert kernel_category(name) == category
+
+
+@pytest.mark.parametrize("kwargs, field", [
+    ({"start_step": 0}, "start_step=0"), ({"start_step": 1, "num_steps": 0}, "num_steps=0"),
+    ({"start_step": 1, "row_limit": 0}, "row_limit=0"),
+])
+def test_invalid_arguments_are_refused(kwargs: dict, field: str) -> None:
+    with pytest.raises(ValueError, match=field):
+        StepProfiler(**kwargs)
