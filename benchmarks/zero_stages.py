@@ -39,7 +39,8 @@ def fit(name: str, extra: list[str], args: argparse.Namespace, steps: int, *more
            "--trainer.enable_progress_bar", "false",
            "--trainer.logger.init_args.save_dir", str(args.runs), "--trainer.logger.init_args.name", name,
            "--trainer.callbacks", json.dumps([
-               {"class_path": "llmtrain.callbacks.PeriodicCheckpoint", "init_args": {"every_n_steps": args.resume_at}},
+               {"class_path": "llmtrain.callbacks.PeriodicCheckpoint",  # every one kept: the resume reads resume_at's
+                "init_args": {"every_n_steps": args.resume_at, "keep": args.steps // args.resume_at + 1}},
                {"class_path": "llmtrain.callbacks.Throughput", "init_args": {"window": 20, "warmup_steps": 10}}]),
            "--model.config.vocab_size", str(args.vocab_size),
            "--data.data_dir", args.data_dir, "--data.micro_batch_size", str(args.micro_batch_size), *more]
@@ -69,19 +70,23 @@ def summary(run_dir: Path) -> dict:
 
 
 def resumed_run(stage: str, args: argparse.Namespace, straight: dict[int, float]) -> dict:
-    tag = f"{stage}_resumed_{args.resume_via}"
-    fit(tag, STRATEGIES[stage], args, args.resume_at)
-    ckpt = "last"
+    """Resumes the uninterrupted run's own step-`resume_at` checkpoint (as saved, or converted to a universal one)
+    and compares the steps after it with that run. GPU runs are not bitwise reproducible: two identical ZeRO-2 runs
+    part past 1e-3 relative by step 15 (docs/benchmarks.md), so a separate run stopped at `resume_at` would have
+    drifted before its stop. Resuming the same checkpoint leaves only the drift after it, and the first steps show
+    whether the whole state came back (a lost optimizer state or data position shows there at once)."""
+    saved = Path(args.runs) / stage.replace(" ", "_") / "checkpoints" / f"step{args.resume_at:07d}.ckpt"
+    tag = f"{stage}_resumed_{args.resume_via}".replace(" ", "_")
+    ckpt = str(saved)
     if args.resume_via == "universal":  # what a job resumed on another number of GPUs does
-        saved = Path(args.runs) / tag / "checkpoints" / f"step{args.resume_at:07d}.ckpt"
         ckpt = str(Path(args.runs) / f"{tag}-step{args.resume_at}-universal.ckpt")
         run_logged("convert --universal", [sys.executable, "-m", "llmtrain.cli", "convert", "--universal",
                                            str(saved), ckpt], args)
     fit(tag, STRATEGIES[stage], args, args.steps, "--ckpt_path", ckpt)
     resumed = summary(Path(args.runs) / tag)
-    after = [s for s in resumed["loss"] if s >= args.resume_at and s in straight]
-    rel = max(abs(resumed["loss"][s] - straight[s]) / abs(straight[s]) for s in after)
-    return {**resumed, "resume_max_rel_diff": rel}
+    after = sorted(s for s in resumed["loss"] if s >= args.resume_at and s in straight)
+    rel = [abs(resumed["loss"][s] - straight[s]) / abs(straight[s]) for s in after]
+    return {**resumed, "resume_first10_max_rel_diff": max(rel[:10]), "resume_max_rel_diff": max(rel)}
 
 
 def main() -> None:
@@ -94,7 +99,7 @@ def main() -> None:
     parser.add_argument("--resume_at", type=int, default=100)
     parser.add_argument("--resume_stage", type=int, choices=[1, 2, 3], default=3,
                         help="the stage whose run is also stopped at --resume_at and resumed")
-    parser.add_argument("--resume_via", choices=["last", "universal"], default="last",
+    parser.add_argument("--resume_via", choices=["saved", "universal"], default="saved",
                         help="resume from the checkpoint as saved, or from its `llmtrain convert --universal`")
     parser.add_argument("--runs", default="runs/zero_stages")
     parser.add_argument("--out", default="benchmark_out")
@@ -110,8 +115,8 @@ def main() -> None:
         fit(tag, extra, args, args.steps)
         results[name] = summary(Path(args.runs) / tag)
         write_table(results, args)  # after every run: a call cut off at the time limit keeps what finished
-    # Stopped at resume_at and resumed (from `last`, or from its universal conversion): the loss after resuming
-    # must follow the uninterrupted run of the same stage.
+    # The uninterrupted run resumed from its step-resume_at checkpoint (as saved, or converted to universal): the
+    # loss after resuming must follow it.
     stage = f"ZeRO-{args.resume_stage}"
     if not args.only or stage in args.only:
         results[f"{stage} resumed ({args.resume_via})"] = resumed_run(stage, args, results[stage]["loss"])
@@ -131,8 +136,8 @@ def write_table(results: dict[str, dict], args: argparse.Namespace) -> None:
         mean = sum(r["loss"][s] for s in tail) / len(tail)
         mean_diff = sum(abs(r["loss"][s] - reference[s]) for s in tail) / len(tail)
         max_diff = max(abs(r["loss"][s] - reference[s]) for s in common)
-        resume = (f"max rel diff {r['resume_max_rel_diff']:.2e} over steps >= {args.resume_at}"
-                  if "resume_max_rel_diff" in r else "")
+        resume = (f"max rel diff {r['resume_first10_max_rel_diff']:.2e} over the first 10 steps after "
+                  f"{args.resume_at}, {r['resume_max_rel_diff']:.2e} over all" if "resume_max_rel_diff" in r else "")
         lines.append(f"| {name} | {r['tokens_per_sec']:,.0f} | {r['peak_gib']:.1f} | {r['loss'][max(r['loss'])]:.4f} "
                      f"| {mean:.4f} | {mean_diff:.4f} | {max_diff:.4f} | {r['val_loss']:.4f} | {resume} |")
     table = "\n".join(lines)

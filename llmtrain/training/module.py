@@ -128,8 +128,12 @@ class LanguageModel(pl.LightningModule):
 
         Replaces Lightning's clipping, which refuses torch's fused AdamW under bf16-mixed (it assumes a grad
         scaler that bf16 does not use). Under DDP the gradients are already all-reduced here, so the norm is
-        global. DeepSpeed clips inside its engine and does not call this hook (see on_train_batch_end).
+        global. DeepSpeed clips inside its engine, and Lightning still calls this hook there with every `p.grad`
+        already moved into ZeRO's partitions: nothing to do, and a norm of no gradients would log 0 as
+        train/grad_norm (the engine's norm is logged in on_train_batch_end).
         """
+        if self._deepspeed_engine() is not None:
+            return
         if gradient_clip_algorithm == "value":
             torch.nn.utils.clip_grad_value_(self.parameters(), gradient_clip_val)
             return
@@ -149,8 +153,11 @@ class LanguageModel(pl.LightningModule):
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         self._grad_norm = None
 
+    def _deepspeed_engine(self) -> Optional[Any]:
+        return getattr(getattr(self._trainer, "strategy", None), "deepspeed_engine", None)
+
     def on_train_batch_end(self, outputs: Any, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        engine = getattr(self.trainer.strategy, "deepspeed_engine", None)
+        engine = self._deepspeed_engine()
         if engine is not None:
             norm = engine.get_global_grad_norm()  # the last norm DeepSpeed's own clipping pass computed
             if norm is not None:  # a device tensor stays one (float() would sync every step)

@@ -1,3 +1,5 @@
+from types import SimpleNamespace
+
 import pytest
 import torch
 
@@ -79,3 +81,17 @@ def test_float8_converts_every_linear_but_the_head():
     kinds = {name: type(m).__name__ for name, m in module.model.named_modules() if isinstance(m, torch.nn.Linear)}
     assert kinds.pop("lm_head") == "Linear"
     assert kinds and set(kinds.values()) == {"Float8Linear"}, kinds
+
+
+def test_gradient_clipping_is_left_to_deepspeed_under_a_zero_strategy(monkeypatch):
+    """Lightning calls the hook under DeepSpeed too, after ZeRO has taken every p.grad: the module must neither
+    clip nor log a norm of no gradients (train/grad_norm comes from the engine)."""
+    module = make_module()
+    logged = {}
+    monkeypatch.setattr(module, "log", lambda name, value, **kw: logged.__setitem__(name, value))
+    module._trainer = SimpleNamespace(strategy=SimpleNamespace(deepspeed_engine=object()))
+    for p in module.parameters():
+        p.grad = torch.full_like(p, 3.0)
+    module.configure_gradient_clipping(None, gradient_clip_val=1e-3, gradient_clip_algorithm="norm")
+    assert logged == {}
+    assert all(torch.equal(p.grad, torch.full_like(p, 3.0)) for p in module.parameters())
