@@ -6,7 +6,7 @@
 #   j2  ZeRO-2 with overlap_comm off                (or stage 2's overlapped reduction?)
 #   j3  ZeRO-3 and its resume from step 100         (after the ZeRO-3 init fix, b9f3a9f)
 #   j4  ZeRO-2 resumed from a universal checkpoint  (llmtrain convert --universal, through a Lightning fit)
-#   j5  stability monitor values: plain vs ZeRO-1/2/3
+#   j5  stability monitor values: plain, plain again (the noise floor), ZeRO-1/2/3
 # Usage (device call, carry [".whl", ".gpu_data"], after the wheel install line of docs/benchmarks.md):
 #   bash benchmarks/parity_batch.sh .gpu_data/shards $OUT
 # Writes $OUT/parity.md (every table) and $OUT/parity.tgz (tables, per-step losses, logs).

@@ -1,0 +1,26 @@
+"""The tables the GPU benchmarks print, on hand-made values (the benchmarks themselves need a GPU)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from stability_overhead import parity_table  # noqa: E402
+
+
+def test_parity_table_gives_the_worst_tags_first_median_and_max_relative_difference():
+    plain = {"stability/grad_norm/global": {0: 1.0, 1: 2.0, 2: 3.0}, "stability/grad_norm/a": {0: 1.0, 1: 1.0, 2: 1.0},
+             "stability/logits/mean": {0: 0.5, 1: 0.5, 2: 0.5}, "stability/spike/events": {0: 0.0}}
+    zero = {"stability/grad_norm/global": {0: 1.1, 1: 2.0, 2: 6.0}, "stability/grad_norm/a": {0: 1.0, 1: 1.5, 2: 1.0},
+            "stability/logits/mean": {0: 0.5, 1: 0.25, 2: 0.5}}
+    rows = parity_table({"plain": plain, "ZeRO-1": zero}, "plain").splitlines()
+    assert rows[0] == "| tag (family) | ZeRO-1 vs plain |"
+    # grad_norm: worst tag per step 0.1/1.1, 0.5/1.5, 3/6 -> first 9.1e-02, median 3.3e-01, max 5.0e-01
+    assert rows[2:] == ["| stability/grad_norm | 9.1e-02 / 3.3e-01 / 5.0e-01 |",
+                        "| stability/logits/mean | 0.0e+00 / 0.0e+00 / 5.0e-01 |"]
+
+
+def test_parity_table_marks_a_family_the_other_run_never_logged():
+    rows = parity_table({"plain": {"stability/act_rms/0": {0: 1.0}}, "ZeRO-3": {}}, "plain").splitlines()
+    assert rows[2] == "| stability/act_rms | missing |"
