@@ -230,3 +230,28 @@ def test_invalid_intervals_are_refused():
         LogitMonitor(every_n_steps=0)
     with pytest.raises(ValueError, match="probe_sequences"):
         AttentionMonitor(probe_sequences=0)
+
+
+def test_log_to_writes_tensorboard_values_as_one_event_that_reads_back_and_keeps_prefixed_loggers_exact(tmp_path):
+    from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+
+    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+
+    from llmtrain.callbacks.stability import log_to
+    from llmtrain.events import read_scalars
+
+    values = {"stability/weight_rms/global": 0.5, "stability/grad_norm/blocks.0.attn.wq.weight": 2.25}
+    plain = TensorBoardLogger(str(tmp_path), name="plain", version="")
+    prefixed = TensorBoardLogger(str(tmp_path), name="prefixed", version="", prefix="p")
+    csv = CSVLogger(str(tmp_path), name="csv", version="")
+    for logger in (plain, prefixed, csv):
+        log_to(logger, values, step=7)
+        logger.save()
+    plain.experiment.flush()
+    prefixed.experiment.flush()
+    assert read_scalars(tmp_path / "plain") == {tag: {7: value} for tag, value in values.items()}
+    events = [e for f in (tmp_path / "plain").glob("events.out.tfevents.*") for e in EventFileLoader(str(f)).Load()
+              if e.HasField("summary")]
+    assert [len(e.summary.value) for e in events] == [2]  # one event holds both values
+    assert set(read_scalars(tmp_path / "prefixed")) == {f"p-{tag}" for tag in values}
+    assert "stability/grad_norm/blocks.0.attn.wq.weight" in (tmp_path / "csv" / "metrics.csv").read_text()
