@@ -102,7 +102,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--resume_at", type=int, default=100)
     parser.add_argument("--resume_stage", type=int, choices=[1, 2, 3], default=3,
-                        help="the stage whose run is also stopped at --resume_at and resumed")
+                        help="the stage whose uninterrupted run is also resumed from its --resume_at checkpoint")
     parser.add_argument("--resume_via", choices=["saved", "universal"], default="saved",
                         help="resume from the checkpoint as saved, or from its `llmtrain convert --universal`")
     parser.add_argument("--runs", default="runs/zero_stages")
