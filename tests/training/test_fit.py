@@ -35,9 +35,16 @@ def fit_args(corpus: dict[str, Path], run_root: Path, name: str, steps: int, *ex
     ]
 
 
-def test_fit_writes_tensorboard_config_and_safe_checkpoints(prepared_corpus, tmp_path):
-    llmtrain(*fit_args(prepared_corpus, tmp_path, "run", 8))
-    run = tmp_path / "run"
+@pytest.fixture(scope="module")
+def finished_run(prepared_corpus, tmp_path_factory) -> Path:
+    """An 8-step run, fitted once for the tests that read it or are refused over it (a refusal writes nothing)."""
+    root = tmp_path_factory.mktemp("finished")
+    llmtrain(*fit_args(prepared_corpus, root, "run", 8))
+    return root
+
+
+def test_fit_writes_tensorboard_config_and_safe_checkpoints(finished_run):
+    run = finished_run / "run"
     scalars = read_scalars(run)
     for tag in ("train/loss", "train/ce_loss", "train/z_loss", "train/lr", "train/grad_norm", "train/tokens", "val/loss", "val/ppl",
                 "val/bpb"):
@@ -82,10 +89,9 @@ def test_ddp_checkpoint_resumes_on_another_world_size(prepared_corpus, tmp_path)
     assert moved["train/tokens"][7] == single["train/tokens"][7] == 8 * 8 * 32
 
 
-def test_refuses_checkpoint_of_another_architecture(prepared_corpus, tmp_path):
-    llmtrain(*fit_args(prepared_corpus, tmp_path, "run", 4))
+def test_refuses_checkpoint_of_another_architecture(prepared_corpus, finished_run):
     with pytest.raises(AssertionError, match=r"d_model: checkpoint 32 vs config 64"):
-        llmtrain(*fit_args(prepared_corpus, tmp_path, "run", 8, "--model.config.d_model", "64",
+        llmtrain(*fit_args(prepared_corpus, finished_run, "run", 8, "--model.config.d_model", "64",
                            "--ckpt_path", "last"))
 
 
@@ -99,10 +105,9 @@ def test_refuses_a_zero_folder_without_deepspeed_before_training(prepared_corpus
     assert not list(tmp_path.rglob("step*.ckpt"))  # refused before any training step
 
 
-def test_refuses_fresh_run_over_existing_checkpoints(prepared_corpus, tmp_path):
-    llmtrain(*fit_args(prepared_corpus, tmp_path, "run", 4))
+def test_refuses_fresh_run_over_existing_checkpoints(prepared_corpus, finished_run):
     with pytest.raises(AssertionError, match="already holds checkpoints"):
-        llmtrain(*fit_args(prepared_corpus, tmp_path, "run", 4))
+        llmtrain(*fit_args(prepared_corpus, finished_run, "run", 4))
 
 
 KILL_DURING_SECOND_SAVE = """
