@@ -66,6 +66,7 @@ LEVERS = {
     "mb2x": "micro-batch doubled",
     "fp8": "float8 matmuls for every Linear but the LM head (model.float8, torchao)",
     "nostab": "without the stability callbacks (LogitMonitor, AttentionMonitor, WeightMonitor, SpikeDetector)",
+    "cudagraphs": "compiled region replayed as CUDA graphs (model.compile_mode: reduce-overhead)",
 }
 STABILITY_CALLBACKS = ("LogitMonitor", "AttentionMonitor", "WeightMonitor", "SpikeDetector")
 
@@ -254,6 +255,8 @@ def run_llmtrain(shape: str, micro_batch: int, levers: tuple[str, ...], args: ar
            "--model.config.vocab_size", str(args.vocab_size)]
     if "fp8" in levers:
         cmd += ["--model.float8", "true"]
+    if "cudagraphs" in levers:
+        cmd += ["--model.compile_mode", "reduce-overhead"]
     if args.tiny:
         d, layers, heads, _, _ = SHAPES["tiny"]
         cmd += ["--trainer.accelerator", "cpu", "--trainer.devices", "1", "--trainer.precision", "32-true",

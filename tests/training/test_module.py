@@ -95,3 +95,10 @@ def test_gradient_clipping_is_left_to_deepspeed_under_a_zero_strategy(monkeypatc
     module.configure_gradient_clipping(None, gradient_clip_val=1e-3, gradient_clip_algorithm="norm")
     assert logged == {}
     assert all(torch.equal(p.grad, torch.full_like(p, 3.0)) for p in module.parameters())
+
+
+def test_compile_mode_is_checked_and_kept_in_the_checkpoint():
+    with pytest.raises(ConfigError, match=r"compile_mode='fast' is invalid: choose one of default, reduce-overhead"):
+        LanguageModel(ModelConfig(**TINY), compile_mode="fast")
+    assert LanguageModel(ModelConfig(**TINY), compile="model", compile_mode="reduce-overhead").hparams[
+        "compile_mode"] == "reduce-overhead"
