@@ -69,6 +69,7 @@ LEVERS = {
     "cudagraphs": "compiled region replayed as CUDA graphs (model.compile_mode: reduce-overhead)",
 }
 STABILITY_CALLBACKS = ("LogitMonitor", "AttentionMonitor", "WeightMonitor", "SpikeDetector")
+MONITOR_INTERVAL = 100  # the monitors' every_n_steps in configs/llama-*.yaml
 
 
 def parse_variant(variant: str) -> tuple[str, ...]:
@@ -226,17 +227,30 @@ def llmtrain_config(shape: str, args: argparse.Namespace, levers: tuple[str, ...
         if callback in STABILITY_CALLBACKS and "nostab" in levers:
             continue
         if callback == "PeriodicCheckpoint":  # no checkpoint inside the run: one step interval past its end
-            init.update(every_n_steps=10 * (steps + args.profile), every_minutes=None)
+            init.update(every_n_steps=10 * total_steps(args), every_minutes=None)
         if callback == "Throughput":  # one window: steps warmup+1..steps
             init.update(window=steps - warmup, warmup_steps=warmup)
         callbacks.append(entry)
     if args.profile:  # after the timed window: where the time of a step goes
         callbacks.append({"class_path": "llmtrain.callbacks.StepProfiler", "init_args": {
             "start_step": steps, "num_steps": args.profile, "output": str(args.out / f"profile_{name}.md")}})
+    if args.profile_monitored and "nostab" not in levers:  # first in the list: its window takes in the probes
+        callbacks.insert(0, {"class_path": "llmtrain.callbacks.StepProfiler", "init_args": {
+            "start_step": monitored_step(args), "num_steps": 1,
+            "output": str(args.out / f"profile_{name}_monitored.md")}})
     config["trainer"]["callbacks"] = callbacks
     path = args.out / f"{name}.yaml"
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     return path
+
+
+def monitored_step(args: argparse.Namespace) -> int:
+    """The first step the stability monitors run at (every MONITOR_INTERVAL) after the timed and profiled steps."""
+    return (args.steps + args.profile) // MONITOR_INTERVAL * MONITOR_INTERVAL + MONITOR_INTERVAL
+
+
+def total_steps(args: argparse.Namespace) -> int:
+    return monitored_step(args) + 1 if args.profile_monitored else args.steps + args.profile
 
 
 def run_llmtrain(shape: str, micro_batch: int, levers: tuple[str, ...], args: argparse.Namespace) -> dict:
@@ -245,7 +259,7 @@ def run_llmtrain(shape: str, micro_batch: int, levers: tuple[str, ...], args: ar
     config = llmtrain_config(shape, args, levers)
     runs = args.out / "runs"
     name = f"llmtrain_{shape}_{'+'.join(levers) or 'shipped'}"
-    total = args.steps + args.profile
+    total = total_steps(args)
     cmd = [sys.executable, "-m", "llmtrain.cli", "fit", "--config", str(config),
            "--trainer.max_steps", str(total), "--model.optim.total_steps", str(total),
            "--model.optim.warmup_steps", str(max(1, min(20, args.steps // 4))),
@@ -392,6 +406,9 @@ def main() -> None:
                         help="baseline/litgpt rows: at the shape's micro-batch, and/or doubled")
     parser.add_argument("--profile", type=int, default=0, metavar="N",
                         help="llmtrain rows: profile N steps after the timed window (StepProfiler; profile_*.md)")
+    parser.add_argument("--profile_monitored", action="store_true",
+                        help="llmtrain rows: also profile the first monitored step after the window (runs on to it; "
+                             "profile_*_monitored.md)")
     parser.add_argument("--tiny", action="store_true",
                         help="CPU smoke test: tiny shape, few steps, no compile, fp32, no autocast, no fused AdamW")
     parser.add_argument("--_worker", choices=("baseline", "litgpt"), help=argparse.SUPPRESS)

@@ -78,6 +78,11 @@ class StepProfiler(pl.Callback):
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
                              batch_idx: int) -> None:
+        # The window runs from the first batch start of step start_step to the first batch start after it (or the
+        # end of training), so every callback's batch-end work of its steps is inside it, wherever this callback
+        # sits in the list; put it first to also take in the others' batch-start work (the monitors' probes).
+        if self._prof is not None and trainer.global_step >= self.start_step + self.num_steps:
+            self._finish(trainer.global_step - self.start_step)
         if not trainer.is_global_zero or self._done or self._prof is not None:
             return
         if trainer.global_step != self.start_step:
@@ -89,11 +94,6 @@ class StepProfiler(pl.Callback):
             torch.cuda.synchronize()  # the previous step's kernels are not this window's
         self._prof.start()
         self._t0 = time.perf_counter()
-
-    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
-                           batch_idx: int) -> None:
-        if self._prof is not None and trainer.global_step >= self.start_step + self.num_steps:
-            self._finish(trainer.global_step - self.start_step)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not trainer.is_global_zero:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import re
 from types import SimpleNamespace
 
+import lightning.pytorch as pl
 import pytest
 import torch
 
@@ -101,3 +102,17 @@ def test_kernel_category_of_hopper_kernels(name: str, category: str) -> None:
 def test_invalid_arguments_are_refused(kwargs: dict, field: str) -> None:
     with pytest.raises(ValueError, match=field):
         StepProfiler(**kwargs)
+
+
+class _QrAtBatchEnd(pl.Callback):
+    """Work another callback does at the end of a batch, after StepProfiler's hooks in the list."""
+
+    def on_train_batch_end(self, *args) -> None:
+        torch.linalg.qr(torch.randn(8, 8))
+
+
+def test_the_window_holds_the_batch_end_work_of_callbacks_listed_after_it(tmp_path):
+    output = tmp_path / "p.md"
+    fit(LanguageModel(tiny_config(), OPTIM), random_batches(8),
+        [StepProfiler(start_step=2, num_steps=1, output=str(output), row_limit=500), _QrAtBatchEnd()], max_steps=5)
+    assert "aten::linalg_qr" in top_ops(output.read_text())
