@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # The loss- and value-parity checks of issues 4 and 5, run side by side on one GPU in one device call.
-# Parity needs the same numbers, not exclusive use of the GPU: the jobs share it (an H200 holds all five), so
+# Parity needs the same numbers, not exclusive use of the GPU: the jobs share it (an H200 holds them all), so
 # their tokens/s are NOT throughput figures and are not reported. Each job has its own run folder and output.
-#   j1  single device, ZeRO-2, ZeRO-2 again        (is ZeRO-2's gap run-to-run noise?)
-#   j2  ZeRO-2 with overlap_comm off                (or stage 2's overlapped reduction?)
-#   j3  ZeRO-3 and its resume from step 100         (after the ZeRO-3 init fix, b9f3a9f)
-#   j4  ZeRO-2 resumed from a universal checkpoint  (llmtrain convert --universal, through a Lightning fit)
+#   j1  single device, ZeRO-2 with compile: blocks, ZeRO-3 again  (ZeRO-3's gap: sharding or compile scope? noise?)
+#   j3  ZeRO-3, resumed from its own step-100 checkpoint    (after the ZeRO-3 init fix, b9f3a9f)
+#   j4  ZeRO-2, resumed from the universal conversion of its step-100 checkpoint (through a Lightning fit)
 #   j5  stability monitor values: plain, plain again (the noise floor), ZeRO-1/2/3
+# (2026-12-02's call ran j1 as single device + ZeRO-2 + "ZeRO-2 again" and a j2 with overlap_comm off: settled,
+# docs/benchmarks.md.)
 # Usage (device call, carry [".whl", ".gpu_data"], after the wheel install line of docs/benchmarks.md):
 #   bash benchmarks/parity_batch.sh .gpu_data/shards $OUT
 # Writes $OUT/parity.md (every table) and $OUT/parity.tgz (tables, per-step losses, logs).
@@ -15,7 +16,7 @@ DATA=${1:?usage: parity_batch.sh DATA_DIR OUT_DIR}
 OUT_DIR=${2:?usage: parity_batch.sh DATA_DIR OUT_DIR}
 LIMIT=${PARITY_LIMIT_S:-510}
 WORK=$(mktemp -d /tmp/parity.XXXX)
-export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True  # five processes share the memory: less fragmentation
+export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True  # the jobs share the memory: less fragmentation
 (while sleep 15; do nvidia-smi --query-gpu=memory.used --format=csv,noheader; done) >"$WORK/gpu_mem.log" 2>&1 &
 SAMPLER=$!
 PIDS=()
@@ -28,9 +29,7 @@ job() {  # job NAME PORT COMMAND...: its own rendezvous port and log; killed at 
   echo "[parity] $name exited with $?" | tee -a "$WORK/$name.log"
 }
 
-job j1 29511 $ZS --out "$WORK/j1" --runs "$WORK/runs/j1" --only "single device" ZeRO-2 "ZeRO-2 again" &
-PIDS+=($!)
-job j2 29512 $ZS --out "$WORK/j2" --runs "$WORK/runs/j2" --only "ZeRO-2 overlap_comm off" &
+job j1 29511 $ZS --out "$WORK/j1" --runs "$WORK/runs/j1" --only "single device" "ZeRO-2 compile blocks" "ZeRO-3 again" &
 PIDS+=($!)
 job j3 29513 $ZS --out "$WORK/j3" --runs "$WORK/runs/j3" --only ZeRO-3 &
 PIDS+=($!)
