@@ -52,7 +52,8 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
-from llmtrain.callbacks.stability import PREFIX, is_deepspeed, log_step
+from llmtrain.callbacks.stability import PREFIX, is_deepspeed
+from llmtrain.events import log_step
 
 ACTIONS = ("log", "skip_step", "rollback")
 CHECKPOINT_STEP = re.compile(r"step=?(\d+)")  # PeriodicCheckpoint's step0000100.ckpt, Lightning's ...-step=100.ckpt

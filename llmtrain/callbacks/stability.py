@@ -24,12 +24,10 @@ from typing import Any, Callable, Iterator, Optional
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.loggers import Logger, TensorBoardLogger
 from lightning.pytorch.strategies import DeepSpeedStrategy
-from tensorboard.compat.proto.summary_pb2 import Summary
 from torch import Tensor, nn
-from torch.utils.tensorboard import SummaryWriter
 
+from llmtrain.events import log_step, log_values
 from llmtrain.model.attention import Attention, allowed_mask
 from llmtrain.training.loss import IGNORE_INDEX
 
@@ -39,35 +37,6 @@ WRAPPER_PREFIXES = ("_checkpoint_wrapped_module.", "_orig_mod.")
 
 
 # ---------------------------------------------------------------------------------------------- shared helpers
-
-
-def log_step(trainer: pl.Trainer) -> int:
-    """The step Lightning's `self.log` writes at: optimizer steps taken so far (it keeps counting through a
-    rollback, so the TensorBoard axis never runs backwards)."""
-    return trainer.fit_loop.epoch_loop._batches_that_stepped
-
-
-def log_values(trainer: pl.Trainer, metrics: dict[str, Tensor], step: int) -> dict[str, float]:
-    """Moves scalar tensors to the host in one transfer and logs them from rank 0; returns them (empty elsewhere)."""
-    if not trainer.is_global_zero or not metrics:
-        return {}
-    values = torch.stack([v.detach().float().reshape(()) for v in metrics.values()]).tolist()  # the one sync
-    host = dict(zip(metrics, values))
-    for logger in trainer.loggers:
-        log_to(logger, host, step)
-    return host
-
-
-def log_to(logger: Logger, values: dict[str, float], step: int) -> None:
-    """TensorBoard gets the values as one event: SummaryWriter.add_scalar builds and queues an event per scalar
-    (67 ms for 720 values, WeightMonitor's count at 350M, on the 2-core CI machine; 1 ms as one event). Other
-    loggers, and a TensorBoardLogger with a prefix (which log_metrics adds), go through log_metrics."""
-    writer = logger.experiment if isinstance(logger, TensorBoardLogger) and not logger._prefix else None
-    if isinstance(writer, SummaryWriter):
-        summary = Summary(value=[Summary.Value(tag=tag, simple_value=value) for tag, value in values.items()])
-        writer._get_file_writer().add_summary(summary, step)  # what add_scalar ends in, once for all
-    else:
-        logger.log_metrics(values, step=step)
 
 
 def is_deepspeed(trainer: pl.Trainer) -> bool:

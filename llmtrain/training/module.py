@@ -11,6 +11,7 @@ import lightning.pytorch as pl
 import torch
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 
+from llmtrain.events import log_step, log_values
 from llmtrain.model import ConfigError, Decoder, ModelConfig
 from llmtrain.training.loss import cross_entropy_and_z
 from llmtrain.training.optim import OptimConfig, build_optimizer, lr_lambda
@@ -79,6 +80,12 @@ class LanguageModel(pl.LightningModule):
         self.model: Optional[Decoder] = None
         self._loss_fn = self._forward_loss
         self._grad_norm: Optional[torch.Tensor] = None  # this step's, see gradient_norm()
+        # This step's train/* scalars, written at logging steps (see training_step): sums over its micro-batches,
+        # other device values, host values.
+        self._step_sums: dict[str, torch.Tensor] = {}
+        self._micro_batches = 0
+        self._step_values: dict[str, torch.Tensor] = {}
+        self._step_host: dict[str, float] = {}
         self.tokens_seen = 0  # global count of trained tokens, restored on resume
         self.run_config: Optional[str] = None  # the resolved YAML, set by the CLI and stored in checkpoints
 
@@ -117,20 +124,31 @@ class LanguageModel(pl.LightningModule):
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         ce, z = self._loss_fn(batch)
         loss = ce + self.z_loss_coef * z
-        # No host sync in the step: Lightning reads prog_bar tensors on the host after every batch, and turns
-        # Python numbers into tensors on the device (a blocking copy). Either costs one stall of the CPU's lead
-        # over the GPU per step (measured 10% at 124M on an H100). Host values are logged as CPU tensors, and the
-        # progress bar gets the loss only at logging steps, where the loggers read it anyway.
-        self.log("train/loss", loss)
-        if (self.trainer.global_step + 1) % self.trainer.log_every_n_steps == 0:
+        # The per-step scalars stay on the device until on_train_batch_end writes them at Lightning's logging steps,
+        # in one transfer. Not through self.log: its bookkeeping took a third of the host time of a step on the CI
+        # machine (6 calls per step), and a host read every step stalls the CPU's lead over the GPU (measured 10% at
+        # 124M on an H100). The progress bar gets the loss at logging steps only, where it is read anyway.
+        # Under gradient accumulation, the mean over the step's micro-batches: the loss the optimizer step followed.
+        self._micro_batches += 1
+        for tag, value in (("train/loss", loss), ("train/ce_loss", ce), ("train/z_loss", z)):  # z: mean log²Z,
+            self._step_sums[tag] = self._step_sums.get(tag, 0.0) + value.detach()  # logged even at coef 0
+        if self._logging_step():
             self.log("loss", loss.detach().cpu(), prog_bar=True, logger=False)
-        self.log("train/ce_loss", ce)
-        self.log("train/z_loss", z)  # mean log²Z, unscaled: watched even when z_loss_coef is 0
-        self.log("train/lr", torch.tensor(self.trainer.optimizers[0].param_groups[0]["lr"]))
         # Counted here, not at batch end: checkpoint callbacks run before the module's batch-end hook.
         self.tokens_seen += batch["input_ids"].numel() * self.trainer.world_size
-        self.log("train/tokens", torch.tensor(float(self.tokens_seen)))
+        # Host values as they are at this step (the scheduler steps before the batch-end hook)
+        self._step_host = {"train/lr": self.trainer.optimizers[0].param_groups[0]["lr"],
+                           "train/tokens": float(self.tokens_seen)}
         return loss
+
+    def _logging_step(self) -> bool:
+        """Lightning's rule for writing a step's values (LoggerConnector.should_update_logs): every
+        log_every_n_steps-th optimizer step, and the step training stops at; on the step's last micro-batch."""
+        trainer = self.trainer
+        if trainer.fit_loop._should_accumulate() or not trainer.log_every_n_steps:
+            return False
+        step = log_step(trainer) + 1  # the optimizer step this batch completes
+        return step % trainer.log_every_n_steps == 0 or trainer.should_stop or bool(trainer.fast_dev_run)
 
     def configure_gradient_clipping(self, optimizer: torch.optim.Optimizer,
                                     gradient_clip_val: Optional[Union[int, float]] = None,
@@ -151,7 +169,7 @@ class LanguageModel(pl.LightningModule):
         norm = self.gradient_norm()
         if gradient_clip_val:
             torch.nn.utils.clip_grads_with_norm_(self.parameters(), float(gradient_clip_val), norm, foreach=True)
-        self.log("train/grad_norm", norm)
+        self._step_values["train/grad_norm"] = norm
 
     def gradient_norm(self) -> torch.Tensor:
         """Global L2 norm of this step's gradients before clipping, computed once per step and shared by clipping
@@ -172,7 +190,12 @@ class LanguageModel(pl.LightningModule):
         if engine is not None:
             norm = engine.get_global_grad_norm()  # the last norm DeepSpeed's own clipping pass computed
             if norm is not None:  # a device tensor stays one (float() would sync every step)
-                self.log("train/grad_norm", norm.float() if isinstance(norm, torch.Tensor) else torch.tensor(norm))
+                self._step_values["train/grad_norm"] = torch.as_tensor(norm).float()
+        if self._logging_step():  # the module's hook runs after the callbacks', as Lightning's own logging does
+            means = {tag: total / self._micro_batches for tag, total in self._step_sums.items()}
+            log_values(self.trainer, {**means, **self._step_values}, log_step(self.trainer), host=self._step_host)
+        if not self.trainer.fit_loop._should_accumulate():
+            self._step_values, self._step_sums, self._micro_batches = {}, {}, 0
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         ce, _ = self._loss_fn(batch)

@@ -1,10 +1,13 @@
 from types import SimpleNamespace
 
+import lightning.pytorch as pl
 import pytest
 import torch
 
 from llmtrain.model import ConfigError, ModelConfig
 from llmtrain.training.module import LanguageModel, check_compatible
+from llmtrain.training.optim import OptimConfig
+from tests.callbacks import fit, random_batches, tiny_config
 
 TINY = dict(vocab_size=64, max_seq_len=16, d_model=32, n_layer=2, n_head=2)
 
@@ -15,10 +18,9 @@ def make_module(**kwargs) -> LanguageModel:
     return module
 
 
-def test_gradient_clipping_bounds_the_global_norm_and_reports_the_unclipped_one(monkeypatch):
+def test_gradient_clipping_bounds_the_global_norm_and_reports_the_unclipped_one():
     module = make_module()
-    logged = {}
-    monkeypatch.setattr(module, "log", lambda name, value, **kw: logged.__setitem__(name, value))
+    logged = module._step_values  # written to the loggers at the end of the step
     for p in module.parameters():
         p.grad = torch.full_like(p, 3.0)
     expected = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in module.parameters()]))
@@ -28,10 +30,9 @@ def test_gradient_clipping_bounds_the_global_norm_and_reports_the_unclipped_one(
     assert clipped == pytest.approx(1.0, rel=1e-4)
 
 
-def test_no_clip_value_still_reports_the_norm_and_leaves_gradients(monkeypatch):
+def test_no_clip_value_still_reports_the_norm_and_leaves_gradients():
     module = make_module()
-    logged = {}
-    monkeypatch.setattr(module, "log", lambda name, value, **kw: logged.__setitem__(name, value))
+    logged = module._step_values
     for p in module.parameters():
         p.grad = torch.ones_like(p)
     module.configure_gradient_clipping(None, gradient_clip_val=None)
@@ -53,9 +54,8 @@ def test_invalid_training_switches_are_refused():
         LanguageModel(ModelConfig(**TINY), compile="everything")
 
 
-def test_gradient_norm_is_computed_once_per_step_and_shared(monkeypatch):
+def test_gradient_norm_is_computed_once_per_step_and_shared():
     module = make_module()
-    monkeypatch.setattr(module, "log", lambda *a, **kw: None)
     for p in module.parameters():
         p.grad = torch.ones_like(p)
     first = module.gradient_norm()
@@ -83,12 +83,11 @@ def test_float8_converts_every_linear_but_the_head():
     assert kinds and set(kinds.values()) == {"Float8Linear"}, kinds
 
 
-def test_gradient_clipping_is_left_to_deepspeed_under_a_zero_strategy(monkeypatch):
+def test_gradient_clipping_is_left_to_deepspeed_under_a_zero_strategy():
     """Lightning calls the hook under DeepSpeed too, after ZeRO has taken every p.grad: the module must neither
     clip nor log a norm of no gradients (train/grad_norm comes from the engine)."""
     module = make_module()
-    logged = {}
-    monkeypatch.setattr(module, "log", lambda name, value, **kw: logged.__setitem__(name, value))
+    logged = module._step_values
     module._trainer = SimpleNamespace(strategy=SimpleNamespace(deepspeed_engine=object()))
     for p in module.parameters():
         p.grad = torch.full_like(p, 3.0)
@@ -102,3 +101,34 @@ def test_compile_mode_is_checked_and_kept_in_the_checkpoint():
         LanguageModel(ModelConfig(**TINY), compile_mode="fast")
     assert LanguageModel(ModelConfig(**TINY), compile="model", compile_mode="reduce-overhead").hparams[
         "compile_mode"] == "reduce-overhead"
+
+
+class _StepRecord(pl.Callback):
+    """What each optimizer step trained with, keyed by Lightning's logging step: the mean loss of its micro-batches
+    (Lightning hands each micro-batch's loss over divided by their number) and the learning rate it used."""
+
+    def __init__(self) -> None:
+        self.loss: dict[int, float] = {}
+        self.lr: dict[int, float] = {}
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self.lr[trainer.fit_loop.epoch_loop._batches_that_stepped] = trainer.optimizers[0].param_groups[0]["lr"]
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        step = trainer.fit_loop.epoch_loop._batches_that_stepped
+        self.loss[step] = self.loss.get(step, 0.0) + outputs["loss"].item()
+
+
+@pytest.mark.parametrize("accumulate", [1, 2])
+def test_train_values_are_written_at_lightnings_logging_steps_with_that_steps_values(accumulate: int):
+    record = _StepRecord()
+    _, logger = fit(LanguageModel(tiny_config(), OptimConfig(lr=1e-2, warmup_steps=4, total_steps=8)),
+                    random_batches(8 * accumulate), [record], max_steps=8, log_every_n_steps=3,
+                    accumulate_grad_batches=accumulate)
+    scalars = logger.scalars
+    for tag in ("train/loss", "train/ce_loss", "train/z_loss", "train/lr", "train/tokens", "train/grad_norm"):
+        assert sorted(scalars[tag]) == [2, 5], tag  # optimizer steps 3 and 6, on Lightning's step axis
+    for step in (2, 5):
+        assert scalars["train/loss"][step] == pytest.approx(record.loss[step], rel=1e-6)
+        assert scalars["train/lr"][step] == record.lr[step]  # the rate the step trained with, not the next one
+        assert scalars["train/tokens"][step] == (step + 1) * accumulate * 4 * 16
