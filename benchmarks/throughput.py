@@ -9,6 +9,8 @@ Rows, per shape (124m 768/12/12 mb16, 350m 1024/24/16 mb8, 1b 2048/16/16 mb4; vo
             the config's callbacks at their default intervals (stability monitors every 100 steps, SpikeDetector
             every step), validation off, and PeriodicCheckpoint moved past the end of the run (no checkpoint in the
             timed window). tokens/s is the Throughput callback's one window over steps warmup+1..steps.
+With --profile N, every row also profiles N steps after its timed window (StepProfiler's report, the loop rows
+through the same function: profile_<row>.md), so the rows' kernel time can be compared category by category.
 Every row runs in its own subprocess (fresh compile caches, its own peak-memory counter). The first --warmup steps
 (compile, allocator) are excluded; the timed window is steps warmup+1..steps. The defaults (150 steps, 30 warm-up)
 put the stability monitors' step 100 inside llmtrain's window, as in a real run.
@@ -165,8 +167,10 @@ def litgpt_model(cfg: ModelConfig) -> nn.Module:
                       parallel_residual=False, n_query_groups=cfg.n_head))
 
 
-def loop(impl: str, shape: str, micro_batch: int, steps: int, warmup: int, vocab_size: int, tiny: bool) -> dict:
-    """The reference training loop; returns tokens/s, step time and peak memory over steps warmup+1..steps."""
+def loop(impl: str, shape: str, micro_batch: int, steps: int, warmup: int, vocab_size: int, tiny: bool,
+         profile: int = 0, profile_path: Optional[Path] = None) -> dict:
+    """The reference training loop; returns tokens/s, step time and peak memory over steps warmup+1..steps, and with
+    `profile` writes StepProfiler's report of that many more steps to `profile_path`."""
     seq = TINY_SEQ if tiny else SEQ
     cfg = model_config(shape, vocab_size, seq)
     cuda = torch.cuda.is_available() and not tiny
@@ -187,15 +191,9 @@ def loop(impl: str, shape: str, micro_batch: int, steps: int, warmup: int, vocab
                                   **({"fused": True} if cuda else {"foreach": True}))
     forward = model if tiny else torch.compile(model)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda)
-    if cuda:
-        torch.cuda.reset_peak_memory_stats()
     gen = torch.Generator(device=device).manual_seed(0)
-    start = 0.0
-    for step in range(steps):
-        if step == warmup:
-            if cuda:
-                torch.cuda.synchronize()
-            start = time.perf_counter()
+
+    def step() -> torch.Tensor:
         tokens = torch.randint(0, vocab_size, (micro_batch, seq + 1), device=device, generator=gen)
         with autocast:
             logits = forward(tokens[:, :-1])
@@ -203,13 +201,36 @@ def loop(impl: str, shape: str, micro_batch: int, steps: int, warmup: int, vocab
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        return loss
+
+    def clock() -> float:
+        if cuda:
+            torch.cuda.synchronize()
+        return time.perf_counter()
+
     if cuda:
-        torch.cuda.synchronize()
-    elapsed = time.perf_counter() - start
+        torch.cuda.reset_peak_memory_stats()
+    for _ in range(warmup):
+        step()
+    start = clock()
+    for _ in range(steps - warmup):
+        loss = step()
+    elapsed = clock() - start
     timed = steps - warmup
-    return {"tokens_per_sec": timed * micro_batch * seq / elapsed, "step_ms": 1e3 * elapsed / timed,
-            "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
-            "final_loss": loss.item(), "params": n_params}
+    result = {"tokens_per_sec": timed * micro_batch * seq / elapsed, "step_ms": 1e3 * elapsed / timed,
+              "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
+              "final_loss": loss.item(), "params": n_params}
+    if profile and profile_path is not None:  # after the timed window, as the llmtrain rows' StepProfiler
+        from llmtrain.callbacks.profile import profile_report
+
+        activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])
+        with torch.profiler.profile(activities=activities) as prof:
+            start = clock()
+            for _ in range(profile):
+                step()
+            wall_us = (clock() - start) * 1e6
+        profile_path.write_text(profile_report(prof.key_averages(), profile, wall_us))
+    return result
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -306,7 +327,8 @@ def run_worker(impl: str, shape: str, micro_batch: int, args: argparse.Namespace
     """One loop row in its own process (fresh dynamo caches and peak-memory counter); the result is its last line."""
     cmd = [sys.executable, str(Path(__file__).resolve()), "--_worker", impl, "--shapes", shape,
            "--micro_batch_size", str(micro_batch), "--steps", str(args.steps), "--warmup", str(args.warmup),
-           "--vocab_size", str(args.vocab_size), *(["--tiny"] if args.tiny else [])]
+           "--vocab_size", str(args.vocab_size), "--profile", str(args.profile), "--out", str(args.out),
+           *(["--tiny"] if args.tiny else [])]
     log = args.out / "log.txt"
     with open(log, "a") as f:
         f.write(f"\n$ {' '.join(cmd)}\n")
@@ -404,7 +426,7 @@ def main() -> None:
     parser.add_argument("--baseline_variants", nargs="+", default=["shipped"], choices=["shipped", "mb2x"],
                         help="baseline/litgpt rows: at the shape's micro-batch, and/or doubled")
     parser.add_argument("--profile", type=int, default=0, metavar="N",
-                        help="llmtrain rows: profile N steps after the timed window (StepProfiler; profile_*.md)")
+                        help="profile N steps after the timed window of every row (StepProfiler's report; profile_*.md)")
     parser.add_argument("--profile_monitored", action="store_true",
                         help="llmtrain rows: also profile the first monitored step after the window (runs on to it; "
                              "profile_*_monitored.md)")
@@ -424,8 +446,9 @@ def main() -> None:
 
     if args._worker:
         torch.backends.cuda.matmul.allow_tf32 = True
+        profile_path = Path(args.out) / f"profile_{args._worker}_{shapes[0]}_mb{args.micro_batch_size}.md"
         result = loop(args._worker, shapes[0], args.micro_batch_size, args.steps, args.warmup, args.vocab_size,
-                      args.tiny)
+                      args.tiny, args.profile, profile_path)
         print(json.dumps(result))
         return
 

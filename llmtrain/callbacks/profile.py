@@ -120,43 +120,55 @@ class StepProfiler(pl.Callback):
         if steps < 1:  # stopped before the window's first optimizer step: no per-step figure to give
             rank_zero_warn(f"StepProfiler: training ended inside step start_step={self.start_step}; no report.")
             return
-        device = torch.cuda.get_device_name() if cuda else "CPU"
-        lines = [f"# Step profile: {device}, {steps} steps recorded, {wall_us / steps / 1e3:.2f} ms wall per step", ""]
-        lines += self._device_tables(events, steps, wall_us) if cuda else self._cpu_table(events, steps, wall_us)
         os.makedirs(os.path.dirname(os.path.abspath(self._path)), exist_ok=True)
         with open(self._path, "w") as f:
-            f.write("\n".join(lines) + "\n")
+            f.write(profile_report(events, steps, wall_us, self.row_limit))
 
-    def _device_tables(self, events: Any, steps: int, wall_us: float) -> list[str]:
-        # record_function ranges (Optimizer.step#AdamW.step, ...) are mirrored on the device timeline as user
-        # annotations that span kernels; counting them would count those kernels twice (as torch's own table avoids)
-        kernels = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA
-                   and not getattr(e, "is_user_annotation", False)]
-        per_category = {category: 0.0 for category, _ in KERNEL_CATEGORIES}
-        per_category[OTHER_KERNELS] = 0.0
-        for evt in kernels:
-            per_category[kernel_category(evt.key)] += self_device_us(evt)
-        idle = max(0.0, wall_us - sum(per_category.values()))
-        lines = ["## Where the device time goes", "",
-                 ("Kernels on several streams (e.g. communication beside compute) can overlap, so the rows can sum "
-                  "past 100% and device idle is a lower bound."), "",
-                 "| category | ms/step | % of wall |", "|---|---:|---:|"]
-        by_time = sorted(per_category.items(), key=lambda item: item[1], reverse=True)
-        for category, us in [*by_time, ("device idle (wall − kernel time)", idle)]:
-            lines.append(f"| {category} | {us / steps / 1e3:.3f} | {100 * us / wall_us:.1f} |")
-        lines += ["", f"## Top {self.row_limit} kernels by device self time", ""]
-        kernels.sort(key=self_device_us, reverse=True)
-        return lines + self._rows("kernel", [(e.key, e.count, self_device_us(e)) for e in kernels], steps, wall_us)
 
-    def _cpu_table(self, events: Any, steps: int, wall_us: float) -> list[str]:
-        ops = sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)
-        lines = ["The device-time category table needs CUDA; on CPU the top ops by self CPU time follow.", "",
-                 f"## Top {self.row_limit} ops by self CPU time", ""]
-        return lines + self._rows("op", [(e.key, e.count, e.self_cpu_time_total) for e in ops], steps, wall_us)
+def profile_report(events: Any, steps: int, wall_us: float, row_limit: int = 25) -> str:
+    """The markdown report of `steps` profiled steps (torch.profiler key_averages()) that took `wall_us` in all:
+    on CUDA, device time per kernel category and the top kernels; on CPU, the top ops."""
+    cuda = torch.cuda.is_available()
+    device = torch.cuda.get_device_name() if cuda else "CPU"
+    lines = [f"# Step profile: {device}, {steps} steps recorded, {wall_us / steps / 1e3:.2f} ms wall per step", ""]
+    lines += (device_tables if cuda else cpu_table)(events, steps, wall_us, row_limit)
+    return "\n".join(lines) + "\n"
 
-    def _rows(self, what: str, rows: list[tuple[str, int, float]], steps: int, wall_us: float) -> list[str]:
-        lines = [f"| {what} | calls | total ms | ms/step | % of wall |", "|---|---:|---:|---:|---:|"]
-        for name, calls, us in rows[:self.row_limit]:
-            lines.append(f"| {cell(name)} | {calls} | {us / 1e3:.3f} | {us / steps / 1e3:.3f} | "
-                         f"{100 * us / wall_us:.1f} |")
-        return lines
+
+def device_tables(events: Any, steps: int, wall_us: float, row_limit: int) -> list[str]:
+    # record_function ranges (Optimizer.step#AdamW.step, ...) are mirrored on the device timeline as user
+    # annotations that span kernels; counting them would count those kernels twice (as torch's own table avoids)
+    kernels = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA
+               and not getattr(e, "is_user_annotation", False)]
+    per_category = {category: 0.0 for category, _ in KERNEL_CATEGORIES}
+    per_category[OTHER_KERNELS] = 0.0
+    for evt in kernels:
+        per_category[kernel_category(evt.key)] += self_device_us(evt)
+    idle = max(0.0, wall_us - sum(per_category.values()))
+    lines = ["## Where the device time goes", "",
+             ("Kernels on several streams (e.g. communication beside compute) can overlap, so the rows can sum "
+              "past 100% and device idle is a lower bound."), "",
+             "| category | ms/step | % of wall |", "|---|---:|---:|"]
+    by_time = sorted(per_category.items(), key=lambda item: item[1], reverse=True)
+    for category, us in [*by_time, ("device idle (wall − kernel time)", idle)]:
+        lines.append(f"| {category} | {us / steps / 1e3:.3f} | {100 * us / wall_us:.1f} |")
+    lines += ["", f"## Top {row_limit} kernels by device self time", ""]
+    kernels.sort(key=self_device_us, reverse=True)
+    return lines + table_rows("kernel", [(e.key, e.count, self_device_us(e)) for e in kernels], steps, wall_us,
+                              row_limit)
+
+
+def cpu_table(events: Any, steps: int, wall_us: float, row_limit: int) -> list[str]:
+    ops = sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)
+    lines = ["The device-time category table needs CUDA; on CPU the top ops by self CPU time follow.", "",
+             f"## Top {row_limit} ops by self CPU time", ""]
+    return lines + table_rows("op", [(e.key, e.count, e.self_cpu_time_total) for e in ops], steps, wall_us, row_limit)
+
+
+def table_rows(what: str, rows: list[tuple[str, int, float]], steps: int, wall_us: float,
+               row_limit: int) -> list[str]:
+    lines = [f"| {what} | calls | total ms | ms/step | % of wall |", "|---|---:|---:|---:|---:|"]
+    for name, calls, us in rows[:row_limit]:
+        lines.append(f"| {cell(name)} | {calls} | {us / 1e3:.3f} | {us / steps / 1e3:.3f} | "
+                     f"{100 * us / wall_us:.1f} |")
+    return lines

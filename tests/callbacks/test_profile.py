@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from llmtrain.callbacks import StepProfiler
-from llmtrain.callbacks.profile import kernel_category
+from llmtrain.callbacks.profile import device_tables, kernel_category
 from llmtrain.training.module import LanguageModel
 from llmtrain.training.optim import OptimConfig
 from tests.callbacks import fit, random_batches, tiny_config
@@ -66,7 +66,7 @@ def test_the_device_table_adds_kernel_self_time_by_category_and_skips_annotation
     events = [evt("nvjet_tst_128x256_64x4_1x2_h_bz_coopA_NTT", 6000.0), evt("sm90_xmma_gemm_bf16_cublas", 2000.0),
               evt("triton_red_fused_add_0", 1000.0), evt("Optimizer.step#AdamW.step", 5000.0, annotation=True),
               evt("aten::mm", 8000.0, device_type=cpu)]
-    lines = StepProfiler(start_step=1, row_limit=2)._device_tables(events, steps=2, wall_us=10_000.0)
+    lines = device_tables(events, steps=2, wall_us=10_000.0, row_limit=2)
     assert "| matmul | 4.000 | 80.0 |" in lines
     assert "| compiled fused (triton) | 0.500 | 10.0 |" in lines
     assert "| device idle (wall − kernel time) | 0.500 | 10.0 |" in lines
