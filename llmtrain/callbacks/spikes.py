@@ -53,7 +53,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
 from llmtrain.callbacks.stability import PREFIX, is_deepspeed
-from llmtrain.events import log_step
+from llmtrain.training.step_log import log_step
 
 ACTIONS = ("log", "skip_step", "rollback")
 CHECKPOINT_STEP = re.compile(r"step=?(\d+)")  # PeriodicCheckpoint's step0000100.ckpt, Lightning's ...-step=100.ckpt

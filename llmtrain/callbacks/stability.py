@@ -27,9 +27,9 @@ import torch
 from lightning.pytorch.strategies import DeepSpeedStrategy
 from torch import Tensor, nn
 
-from llmtrain.events import log_step, log_values
 from llmtrain.model.attention import Attention, allowed_mask
 from llmtrain.training.loss import IGNORE_INDEX
+from llmtrain.training.step_log import log_step, log_values
 
 PREFIX = "stability"
 # Module-wrapper prefixes that appear in parameter names (activation checkpointing, torch.compile of a module).

@@ -11,10 +11,10 @@ import lightning.pytorch as pl
 import torch
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 
-from llmtrain.events import log_step, log_values
 from llmtrain.model import ConfigError, Decoder, ModelConfig
 from llmtrain.training.loss import cross_entropy_and_z
 from llmtrain.training.optim import OptimConfig, build_optimizer, lr_lambda
+from llmtrain.training.step_log import log_step, log_values
 
 CompileScope = Literal["off", "model", "blocks"]
 # torch.compile's modes; "reduce-overhead" replays the compiled graphs as CUDA graphs (one launch per graph: for

@@ -237,7 +237,8 @@ def test_log_to_writes_tensorboard_values_as_one_event_that_reads_back_and_keeps
 
     from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
 
-    from llmtrain.events import log_to, read_scalars
+    from llmtrain.events import read_scalars
+    from llmtrain.training.step_log import log_to
 
     values = {"stability/weight_rms/global": 0.5, "stability/grad_norm/blocks.0.attn.wq.weight": 2.25}
     plain = TensorBoardLogger(str(tmp_path), name="plain", version="")
