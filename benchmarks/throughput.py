@@ -235,10 +235,15 @@ def loop(impl: str, shape: str, micro_batch: int, steps: int, warmup: int, vocab
 
 # ----------------------------------------------------------------------------------------------------------------
 # (c) llmtrain fit.
+def row_name(shape: str, levers: tuple[str, ...]) -> str:
+    """An llmtrain row's name: its config, run folder and profile are named after it."""
+    return f"llmtrain_{shape}_{'+'.join(levers) or 'shipped'}"
+
+
 def llmtrain_config(shape: str, args: argparse.Namespace, levers: tuple[str, ...]) -> Path:
     import yaml
 
-    steps, warmup, name = args.steps, args.warmup, f"llmtrain_{shape}_{'+'.join(levers) or 'shipped'}"
+    steps, warmup, name = args.steps, args.warmup, row_name(shape, levers)
     config = yaml.safe_load((REPO / SHAPES[shape][4]).read_text())
     callbacks = []
     for entry in config["trainer"].get("callbacks") or []:
@@ -278,7 +283,7 @@ def run_llmtrain(shape: str, micro_batch: int, levers: tuple[str, ...], args: ar
 
     config = llmtrain_config(shape, args, levers)
     runs = args.out / "runs"
-    name = f"llmtrain_{shape}_{'+'.join(levers) or 'shipped'}"
+    name = row_name(shape, levers)
     total = total_steps(args)
     cmd = [sys.executable, "-m", "llmtrain.cli", "fit", "--config", str(config),
            "--trainer.max_steps", str(total), "--model.optim.total_steps", str(total),

@@ -189,8 +189,12 @@ class LanguageModel(pl.LightningModule):
         engine = self._deepspeed_engine()
         if engine is not None:
             norm = engine.get_global_grad_norm()  # the last norm DeepSpeed's own clipping pass computed
-            if norm is not None:  # a device tensor stays one (float() would sync every step)
-                self._step_values["train/grad_norm"] = torch.as_tensor(norm).float()
+            if isinstance(norm, torch.Tensor):  # a device tensor stays one (float() would sync every step)
+                self._step_values["train/grad_norm"] = norm.float()
+            elif norm is not None:
+                # DeepSpeed also returns Python floats (0 before the first step, inf on overflow): a host value,
+                # not a CPU tensor that log_values would stack with the device ones.
+                self._step_host["train/grad_norm"] = float(norm)
         if self._logging_step():  # the module's hook runs after the callbacks', as Lightning's own logging does
             means = {tag: total / self._micro_batches for tag, total in self._step_sums.items()}
             log_values(self.trainer, {**means, **self._step_values}, log_step(self.trainer), host=self._step_host)

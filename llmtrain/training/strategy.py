@@ -142,7 +142,7 @@ class ZeroStrategy(DeepSpeedStrategy):
         """Rank 0 converts `folder` to a universal checkpoint beside it (or finds the one made before), the other
         ranks wait; a failure is raised on every rank, not left as a hang at the barrier."""
         folder = folder.resolve()  # `last.ckpt` is a link: name the copy after the step it points to
-        target = folder.with_name(folder.name.removesuffix(".ckpt") + "-universal.ckpt")
+        target = universal_path(folder)
         error = None
         if self.is_global_zero and is_universal(target) and _older(target / UNIVERSAL_LATEST, folder / "latest"):
             shutil.rmtree(target)  # made from an earlier save of this step (saved again after a rollback)
@@ -158,6 +158,11 @@ class ZeroStrategy(DeepSpeedStrategy):
         if error is not None:
             raise RuntimeError(f"ZeroStrategy(reshard_on_resume=True): converting {folder} failed: {error}")
         return target
+
+
+def universal_path(folder: Path) -> Path:
+    """Where the universal copy of a ZeRO folder goes: beside it, `step0000100.ckpt` -> `step0000100-universal.ckpt`."""
+    return folder.with_name(folder.name.removesuffix(".ckpt") + "-universal.ckpt")
 
 
 def place_adam_steps(optimizer: Optional[torch.optim.Optimizer]) -> None:
@@ -204,7 +209,7 @@ def check_world_size(folder: Path, world_size: int) -> None:
             f"partitions the optimizer state per rank and cannot resume on another world size: resume with "
             f"trainer.devices x trainer.num_nodes = {saved}, or convert it once to DeepSpeed's universal "
             f"checkpoint, which resumes on any world size: `llmtrain convert --universal {folder} "
-            f"{folder.with_name(folder.name.removesuffix('.ckpt') + '-universal.ckpt')}`, then --ckpt_path that "
+            f"{universal_path(folder)}`, then --ckpt_path that "
             "folder (or set trainer.strategy.init_args.reshard_on_resume=true to have it done on resume).")
 
 
