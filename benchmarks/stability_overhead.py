@@ -13,6 +13,12 @@ default callback intervals, validation and checkpoint saving off. Step time come
 windows after --skip_steps (compile and allocator warm-up): mean step time = tokens per step * mean(1 / tokens/s),
 so every window weighs the same whether or not it holds a monitored step. Runs alternate with/without
 --repeats times; the table gives each pair and the median ratio.
+
+Two runs differ by run-to-run noise (~1% on a GPU) as large as the effect, so the cost is also split within one
+run, where that noise cannot enter: the monitored step's cost is the excess of the windows that hold a monitored
+step (and the window after, where work the host queued ahead lands) over the median of the other windows of the
+same run, and at interval N its share is cost / (N * median step). The rest, the per-step cost (SpikeDetector,
+the shared gradient norm), is the with/without ratio of the unmonitored windows' medians.
 """
 
 from __future__ import annotations
@@ -122,13 +128,41 @@ def tiny_corpus(root: Path, log: Path) -> str:
     return str(shards)
 
 
-def step_time(run_dir: Path, skip_steps: int, tokens_per_step: int) -> float:
-    """Mean seconds per step over Throughput's windows after skip_steps."""
+def window_times(run_dir: Path, skip_steps: int, tokens_per_step: int) -> dict[int, float]:
+    """Seconds per step of each Throughput window after skip_steps, by the step it was logged at."""
     tps = read_scalars(run_dir).get("train/tokens_per_sec", {})
-    windows = [v for s, v in sorted(tps.items()) if s > skip_steps]
+    windows = {s: tokens_per_step / v for s, v in sorted(tps.items()) if s > skip_steps}
     if not windows:
         raise SystemExit(f"{run_dir}: no train/tokens_per_sec window after step {skip_steps}; run more --steps")
-    return tokens_per_step * statistics.fmean(1.0 / v for v in windows)
+    return windows
+
+
+def monitored_windows(window_steps: list[int], every: int) -> tuple[set[int], int]:
+    """The windows (by logged step) that hold a monitored step, with the window after each, and how many monitored
+    steps they hold. A window logged at s holds steps s-W..s-1 (W: the window length) as the callbacks count them
+    at their batch start."""
+    steps = sorted(window_steps)
+    length = steps[1] - steps[0] if len(steps) > 1 else 1
+    held, monitored = set(), 0
+    for i, s in enumerate(steps):
+        count = sum(1 for m in range(s - length, s) if m % every == 0)
+        if count:
+            monitored += count
+            held.update(steps[i:i + 2])
+    return held, monitored
+
+
+def split_cost(windows: dict[int, float], every: int) -> dict[str, float]:
+    """Within one run: the median unmonitored step (s), and the cost of one monitored step (s) over it."""
+    held, monitored = monitored_windows(list(windows), every)
+    plain = [t for s, t in windows.items() if s not in held]
+    if not plain or not monitored:
+        raise SystemExit(f"need windows with and without a monitored step (every {every}); run more --steps")
+    median = statistics.median(plain)
+    steps = sorted(windows)
+    length = steps[1] - steps[0] if len(steps) > 1 else 1
+    excess = sum((windows[s] - median) * length for s in held)
+    return {"median_step": median, "monitored_cost": excess / monitored}
 
 
 def tokens_per_step(config_path: Path, args: argparse.Namespace) -> int:
@@ -138,30 +172,57 @@ def tokens_per_step(config_path: Path, args: argparse.Namespace) -> int:
     return seq * batch  # per device; the ratio is what matters
 
 
+def monitor_interval(config_path: Path) -> int:
+    """The monitors' every_n_steps (they share one in the shipped configs; the smallest otherwise)."""
+    config = yaml.safe_load(config_path.read_text())
+    intervals = [entry["init_args"].get("every_n_steps", 100) for entry in config["trainer"]["callbacks"]
+                 if callback_name(entry) in MONITORS]
+    return min(intervals)
+
+
 def overhead(args: argparse.Namespace, log: Path) -> str:
-    rows = ["| config | pair | step time without (ms) | step time with (ms) | overhead |", "|---|---|---|---|---|"]
+    rows = ["| config | pair | step time without (ms) | step time with (ms) | overhead (pair) | monitored step "
+            "(ms, within run) | its share at every_n_steps | per-step part (unmonitored windows) | overhead "
+            "(split) |", "|---|---|---|---|---|---|---|---|---|"]
     results = {}
     for source in args.configs:
         stem = Path(source).stem
         with_cfg = write_config(source, args.out / f"{stem}_with.yaml", True, args.every, args.steps)
         without_cfg = write_config(source, args.out / f"{stem}_without.yaml", False, None, args.steps)
-        ratios = []
+        every = monitor_interval(with_cfg)
+        pairs = []
         for r in range(args.repeats):
             order = [("with", with_cfg), ("without", without_cfg)]
-            times = {}
+            windows = {}
             for variant, cfg in (order if r % 2 == 0 else order[::-1]):
                 name = f"{stem}_{variant}_{r}"
                 llmtrain(fit_args(cfg, name, args), log)
-                times[variant] = step_time(args.runs / name, args.skip_steps, tokens_per_step(cfg, args))
-            ratio = times["with"] / times["without"]
-            ratios.append(ratio)
-            rows.append(f"| {stem} | {r} | {times['without'] * 1e3:.1f} | {times['with'] * 1e3:.1f} "
-                        f"| {100 * (ratio - 1):+.2f}% |")
-        median = statistics.median(ratios)
-        results[stem] = {"ratios": ratios, "median_overhead_percent": 100 * (median - 1)}
-        rows.append(f"| **{stem}** | median | | | **{100 * (median - 1):+.2f}%** |")
+                windows[variant] = window_times(args.runs / name, args.skip_steps, tokens_per_step(cfg, args))
+            pairs.append(pair_row(windows["with"], windows["without"], every))
+            rows.append(f"| {stem} | {r} | " + " | ".join(pairs[-1]["cells"]) + " |")
+        pair = statistics.median(p["pair"] for p in pairs)
+        split = statistics.median(p["split"] for p in pairs)
+        results[stem] = {"every_n_steps": every, "pairs": [{k: v for k, v in p.items() if k != "cells"}
+                                                            for p in pairs],
+                         "median_overhead_percent": 100 * pair, "median_split_overhead_percent": 100 * split}
+        rows.append(f"| **{stem}** | median | | | **{100 * pair:+.2f}%** | | | | **{100 * split:+.2f}%** |")
     (args.out / "stability_overhead.json").write_text(json.dumps(results, indent=2))
     return "\n".join(rows)
+
+
+def pair_row(with_windows: dict[int, float], without_windows: dict[int, float], every: int) -> dict:
+    """One with/without pair: the plain ratio of mean step times, and the split estimate (the monitored step's
+    within-run cost at the interval, plus the per-step part from the unmonitored windows' medians)."""
+    mean_with, mean_without = statistics.fmean(with_windows.values()), statistics.fmean(without_windows.values())
+    cost = split_cost(with_windows, every)
+    share = cost["monitored_cost"] / (every * cost["median_step"])
+    per_step = cost["median_step"] / statistics.median(without_windows.values()) - 1
+    pair = mean_with / mean_without - 1
+    cells = [f"{mean_without * 1e3:.1f}", f"{mean_with * 1e3:.1f}", f"{100 * pair:+.2f}%",
+             f"{cost['monitored_cost'] * 1e3:.0f}", f"{100 * share:.2f}% (every {every})",
+             f"{100 * per_step:+.2f}%", f"{100 * (share + per_step):+.2f}%"]
+    return {"pair": pair, "monitored_cost_s": cost["monitored_cost"], "share": share, "per_step": per_step,
+            "split": share + per_step, "cells": cells}
 
 
 def parity(args: argparse.Namespace, log: Path) -> str:

@@ -5,8 +5,10 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import pytest
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-from stability_overhead import parity_table  # noqa: E402
+from stability_overhead import pair_row, parity_table, split_cost  # noqa: E402
 
 
 def test_parity_table_gives_the_worst_tags_first_median_and_max_relative_difference():
@@ -24,3 +26,18 @@ def test_parity_table_gives_the_worst_tags_first_median_and_max_relative_differe
 def test_parity_table_marks_a_family_the_other_run_never_logged():
     rows = parity_table({"plain": {"stability/act_rms/0": {0: 1.0}}, "ZeRO-3": {}}, "plain").splitlines()
     assert rows[2] == "| stability/act_rms | missing |"
+
+
+def test_split_cost_charges_the_monitored_windows_and_the_next_over_the_runs_own_median():
+    windows = {s: 0.100 for s in range(52, 293, 10)}  # seconds per step of 10-step windows, logged at s
+    windows[102] += 0.020  # steps 92-101 hold the monitored step 100
+    windows[112] += 0.005  # work queued ahead lands in the next window
+    windows[202] += 0.025  # step 200; 300 is past the run
+    windows[152] += 0.001  # noise in an unmonitored window moves the median, not the cost
+    cost = split_cost(windows, every=100)
+    assert cost["median_step"] == pytest.approx(0.100)
+    assert cost["monitored_cost"] == pytest.approx((0.020 + 0.005 + 0.025) * 10 / 2)  # 0.25 s per monitored step
+    row = pair_row(windows, {s: 0.099 for s in windows}, every=100)
+    assert row["share"] == pytest.approx(0.25 / (100 * 0.100))  # 2.5% of the steps between two monitored ones
+    assert row["per_step"] == pytest.approx(0.100 / 0.099 - 1)
+    assert row["split"] == pytest.approx(row["share"] + row["per_step"])

@@ -20,6 +20,7 @@ parameters, ZeRO-1/2 all-reduce fragments): every rank runs them, in the same or
 from __future__ import annotations
 
 import contextlib
+import functools
 from typing import Any, Callable, Iterator, Optional
 
 import lightning.pytorch as pl
@@ -143,17 +144,31 @@ class LogitMonitor(_ProbeMonitor):
 def attention_stats(logits: Tensor, allowed: Tensor) -> tuple[Tensor, Tensor]:
     """Max |logit| over the allowed (query, key) pairs and the mean attention entropy in nats, of fp32
     pre-softmax logits (B, H, T, T) with -inf where masked; allowed (B|1, 1, T, T) bool."""
-    max_abs = logits.masked_fill(~allowed, 0.0).abs().amax()
+    low, high = torch.aminmax(logits.masked_fill(~allowed, 0.0))
     entropy = torch.special.entr(logits.softmax(dim=-1)).sum(dim=-1)  # (B, H, T): -Σ p log p, 0·log 0 = 0
-    return max_abs, entropy.mean()
+    return torch.maximum(high, -low), entropy.mean()
+
+
+@functools.cache
+def fused_attention_stats() -> Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]:
+    """attention_stats compiled: a few kernels that read a layer's H·T² logits once or twice, where eager makes
+    ~8 memory-bound passes over them (and allocates 3 more copies)."""
+    return torch.compile(attention_stats, dynamic=False)
+
+
+def layer_attention_stats(logits: Tensor, allowed: Tensor, fused: bool) -> tuple[Tensor, Tensor]:
+    if not (fused and logits.is_cuda):
+        return attention_stats(logits, allowed)
+    with torch.compiler.set_stance("default"):  # the probe runs the model eagerly; this one function is compiled
+        return fused_attention_stats()(logits, allowed)
 
 
 class _ProbeRecorder:
     """Hooks on each layer's attention (pre-forward: its input and positions) and block (forward: the
     residual stream it outputs), accumulating per-layer statistics over the probe forwards."""
 
-    def __init__(self, blocks: nn.ModuleList, activations: bool) -> None:
-        n = len(blocks)
+    def __init__(self, blocks: nn.ModuleList, activations: bool, fused: bool) -> None:
+        n, self.fused = len(blocks), fused
         self.max_abs: list[Optional[Tensor]] = [None] * n
         self.entropy_sum: list[Optional[Tensor]] = [None] * n
         self.square_sum: list[Optional[Tensor]] = [None] * n
@@ -171,7 +186,8 @@ class _ProbeRecorder:
     def _attention_hook(self, i: int) -> Callable[..., None]:
         def hook(attn: Attention, args: tuple) -> None:
             x, positions = args  # Block calls self.attn(h, positions) positionally
-            max_abs, entropy = attention_stats(attn.attention_logits(x, positions), allowed_mask(positions))
+            max_abs, entropy = layer_attention_stats(attn.attention_logits(x, positions), allowed_mask(positions),
+                                                     self.fused)
             self.max_abs[i] = self._add(self.max_abs[i], max_abs, torch.maximum)
             self.entropy_sum[i] = self._add(self.entropy_sum[i], entropy, torch.add)
         return hook
@@ -197,16 +213,18 @@ class AttentionMonitor(_ProbeMonitor):
     stability/act_rms/layer_{i:02d}         RMS of the residual stream after block i (with `activations`).
 
     The probe runs one sequence at a time, so a layer's fp32 logits and probabilities take 2·H·T² floats
-    (T=2048, H=16: 0.5 GB), freed before the next layer.
+    (T=2048, H=16: 0.5 GB), freed before the next layer. With `fused` (GPU only) the statistics of a layer's
+    logits are one torch.compile'd function (compiled once, at the first monitored step).
     """
 
-    def __init__(self, every_n_steps: int = 100, probe_sequences: int = 2, activations: bool = True) -> None:
+    def __init__(self, every_n_steps: int = 100, probe_sequences: int = 2, activations: bool = True,
+                 fused: bool = True) -> None:
         super().__init__(every_n_steps, probe_sequences)
-        self.activations = activations
+        self.activations, self.fused = activations, fused
 
     def measure(self, pl_module: pl.LightningModule, probe: dict[str, Tensor]) -> dict[str, Tensor]:
         n = probe["input_ids"].shape[0]
-        recorder = _ProbeRecorder(pl_module.model.blocks, self.activations)
+        recorder = _ProbeRecorder(pl_module.model.blocks, self.activations, self.fused)
         try:
             for b in range(n):  # one sequence at a time: a layer's fp32 logits are H·T² per sequence
                 forward_probe(pl_module, {key: value[b:b + 1] for key, value in probe.items()})

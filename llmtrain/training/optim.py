@@ -76,8 +76,8 @@ def param_groups(model: nn.Module, config: OptimConfig) -> list[dict]:
                 wants_decay = config.decay_biases
             elif _is_embedding(module):
                 wants_decay = config.decay_embeddings
-            else:
-                wants_decay = param.ndim >= 2
+            else:  # matrices; under ZeRO-3 a partitioned parameter is an empty 1-d tensor, ds_shape its real shape
+                wants_decay = len(getattr(param, "ds_shape", param.shape)) >= 2
             (decay if wants_decay else no_decay).append(param)
     groups = [{"params": decay, "weight_decay": config.weight_decay, "name": "decay"},
               {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"}]
