@@ -64,11 +64,19 @@ class NoPE(PositionEncoding):
 # ---------------------------------------------------------------------------------------------------- RoPE
 
 
+def float64_range(end: int, step: int = 1, device: Optional[torch.device] = None) -> Tensor:
+    """0, step, ... < end in float64, made from integers. DeepSpeed's zero.Init (ZeRO-3 builds the model under
+    it) casts every floating tensor that torch.arange/empty/zeros/... create to the run's dtype: a float64 arange
+    came out bf16, which is not exact past 256 (2047 -> 2048), and the RoPE tables built on it gave most positions
+    of a 2048-token sequence wrong angles (0.1 nats higher loss at step 200, docs/benchmarks.md)."""
+    return torch.arange(0, end, step, device=device).to(torch.float64)
+
+
 def rope_tables(head_dim: int, max_seq_len: int, theta: float, device: Optional[torch.device] = None
                 ) -> tuple[Tensor, Tensor]:
     """cos, sin (max_seq_len, head_dim/2) of angle pos · theta^(-2i/head_dim), computed in float64."""
-    inv_freq = theta ** (-torch.arange(0, head_dim, 2, dtype=torch.float64, device=device) / head_dim)
-    angles = torch.outer(torch.arange(max_seq_len, dtype=torch.float64, device=device), inv_freq)
+    inv_freq = theta ** (-float64_range(head_dim, 2, device) / head_dim)
+    angles = torch.outer(float64_range(max_seq_len, device=device), inv_freq)
     return angles.cos(), angles.sin()
 
 
@@ -121,12 +129,10 @@ class LearnedPosition(PositionEncoding):
 
 def sinusoidal_table(max_seq_len: int, d_model: int, device: Optional[torch.device] = None) -> Tensor:
     """(max_seq_len, d_model): PE[p, 2i] = sin(p / 10000^(2i/d)), PE[p, 2i+1] = cos(same) (Vaswani et al. 2017)."""
-    inv_freq = 10000.0 ** (-torch.arange(0, d_model, 2, dtype=torch.float64, device=device) / d_model)
-    angles = torch.outer(torch.arange(max_seq_len, dtype=torch.float64, device=device), inv_freq)
-    table = torch.empty(max_seq_len, d_model, dtype=torch.float64, device=device)
-    table[:, 0::2] = angles.sin()
-    table[:, 1::2] = angles.cos()[:, : d_model // 2]  # odd d_model: one sine column more than cosines
-    return table
+    inv_freq = 10000.0 ** (-float64_range(d_model, 2, device) / d_model)
+    angles = torch.outer(float64_range(max_seq_len, device=device), inv_freq)
+    # Interleaved sin, cos, sin, ...; odd d_model: one sine column more than cosines
+    return torch.stack((angles.sin(), angles.cos()), dim=-1).flatten(1)[:, :d_model]
 
 
 class SinusoidalPosition(PositionEncoding):
