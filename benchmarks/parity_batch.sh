@@ -2,12 +2,11 @@
 # The loss- and value-parity checks of issues 4 and 5, run side by side on one GPU in one device call.
 # Parity needs the same numbers, not exclusive use of the GPU: the jobs share it (an H200 holds them all), so
 # their tokens/s are NOT throughput figures and are not reported. Each job has its own run folder and output.
-#   j1  single device, ZeRO-2 with compile: blocks, ZeRO-3 again  (ZeRO-3's gap: sharding or compile scope? noise?)
-#   j3  ZeRO-3, resumed from its own step-100 checkpoint    (after the ZeRO-3 init fix, b9f3a9f)
-#   j4  ZeRO-2, resumed from the universal conversion of its step-100 checkpoint (through a Lightning fit)
+#   j1  single device, ZeRO-3                (after the ZeRO-3 table and weight-decay fixes: is the 0.09 gap gone?)
+#   j2  ZeRO-3 again, ZeRO-2                 (ZeRO-3's own spread, and the ZeRO-2 reference of the same call)
 #   j5  stability monitor values: plain, plain again (the noise floor), ZeRO-1/2/3
-# (2026-12-02's call ran j1 as single device + ZeRO-2 + "ZeRO-2 again" and a j2 with overlap_comm off: settled,
-# docs/benchmarks.md.)
+# (2026-12-02's calls settled ZeRO-2's gap (noise), overlap_comm, compile scope and both resume checks:
+# docs/benchmarks.md; `zero_stages.py --only ZeRO-3` / `--resume_stage 2 --resume_via universal` rerun them.)
 # Usage (device call, carry [".whl", ".gpu_data"], after the wheel install line of docs/benchmarks.md):
 #   bash benchmarks/parity_batch.sh .gpu_data/shards $OUT
 # Writes $OUT/parity.md (every table) and $OUT/parity.tgz (tables, per-step losses, logs).
@@ -29,11 +28,9 @@ job() {  # job NAME PORT COMMAND...: its own rendezvous port and log; killed at 
   echo "[parity] $name exited with $?" | tee -a "$WORK/$name.log"
 }
 
-job j1 29511 $ZS --out "$WORK/j1" --runs "$WORK/runs/j1" --only "single device" "ZeRO-2 compile blocks" "ZeRO-3 again" &
+job j1 29511 $ZS --out "$WORK/j1" --runs "$WORK/runs/j1" --only "single device" ZeRO-3 --resume_stage 0 &
 PIDS+=($!)
-job j3 29513 $ZS --out "$WORK/j3" --runs "$WORK/runs/j3" --only ZeRO-3 &
-PIDS+=($!)
-job j4 29514 $ZS --out "$WORK/j4" --runs "$WORK/runs/j4" --only ZeRO-2 --resume_stage 2 --resume_via universal &
+job j2 29512 $ZS --out "$WORK/j2" --runs "$WORK/runs/j2" --only "ZeRO-3 again" ZeRO-2 --resume_stage 0 &
 PIDS+=($!)
 job j5 29515 python3 benchmarks/stability_overhead.py --parity --data_dir "$DATA" --vocab_size 32000 \
   --configs configs/llama-124m.yaml --steps 60 --out "$WORK/j5" &

@@ -101,8 +101,9 @@ def main() -> None:
     parser.add_argument("--micro_batch_size", type=int, default=16)
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--resume_at", type=int, default=100)
-    parser.add_argument("--resume_stage", type=int, choices=[1, 2, 3], default=3,
-                        help="the stage whose uninterrupted run is also resumed from its --resume_at checkpoint")
+    parser.add_argument("--resume_stage", type=int, choices=[0, 1, 2, 3], default=3,
+                        help="the stage whose uninterrupted run is also resumed from its --resume_at checkpoint "
+                             "(0: none)")
     parser.add_argument("--resume_via", choices=["saved", "universal"], default="saved",
                         help="resume from the checkpoint as saved, or from its `llmtrain convert --universal`")
     parser.add_argument("--runs", default="runs/zero_stages")
@@ -122,7 +123,7 @@ def main() -> None:
     # The uninterrupted run resumed from its step-resume_at checkpoint (as saved, or converted to universal): the
     # loss after resuming must follow it.
     stage = f"ZeRO-{args.resume_stage}"
-    if not args.only or stage in args.only:
+    if args.resume_stage and (not args.only or stage in args.only):
         results[f"{stage} resumed ({args.resume_via})"] = resumed_run(stage, args, results[stage]["loss"])
         write_table(results, args)
 
