@@ -12,6 +12,9 @@ step, i.e. with the weights that step's training forward uses. The current batch
 values then follow the data stream, so a resumed run logs the same values as an uninterrupted one, and DDP and
 ZeRO runs (which give rank 0 the same batch) log the same values. The probe is needed because the fused
 attention (and the compiled loss) of the training step never materialize attention logits or output logits.
+Probe monitors due on the same step with the same `probe_sequences` share one probe forward, and it batches the
+sequences up to PROBE_BYTES of fp32 probe tensors: an eager forward is bound by its kernel launches, so the
+forward count, not the sequence count, sets a monitored step's cost (docs/stability.md).
 
 Under DeepSpeed ZeRO the probe forward and DeepSpeed's safe_get_full_* helpers are collectives (ZeRO-3 gathers
 parameters, ZeRO-1/2 all-reduce fragments): every rank runs them, in the same order; only rank 0 logs.
@@ -20,7 +23,6 @@ parameters, ZeRO-1/2 all-reduce fragments): every rank runs them, in the same or
 from __future__ import annotations
 
 import contextlib
-import functools
 from typing import Any, Callable, Iterator, Optional
 
 import lightning.pytorch as pl
@@ -87,22 +89,71 @@ def forward_probe(pl_module: pl.LightningModule, probe: dict[str, Tensor]) -> Te
 # ------------------------------------------------------------------------------------------------ output logits
 
 
-def logit_stats(logits: Tensor, labels: Optional[Tensor] = None) -> dict[str, Tensor]:
-    """Statistics of logits (B, T, V) over the target positions (labels != -100; all when labels is None), in fp32.
+# Bytes of fp32 probe tensors one probe forward may hold at a time (a layer's attention logits and probabilities,
+# or the output logits and their temporaries): sequences are batched up to it, and run one by one beyond it.
+PROBE_BYTES = 2 * 2**30
 
-    log Z = logsumexp over the vocabulary (the softmax normaliser); z_loss = mean log²Z, the quantity the z-loss
-    term penalises (PaLM §5), whatever its coefficient.
-    """
+
+def logit_moments(logits: Tensor, labels: Optional[Tensor] = None) -> dict[str, Tensor]:
+    """Combinable fp32 statistics of logits (B, T, V) over the target positions (labels != -100; all when labels
+    is None): element count, mean, sum of squared deviations, max |logit|; row count, sum, max and sum of squares
+    of log Z = logsumexp over the vocabulary (the softmax normaliser)."""
     x = logits.float()
     x = x.flatten(0, 1) if labels is None else x[labels != IGNORE_INDEX]  # (N, V)
     lse = torch.logsumexp(x, dim=-1)  # (N,)
-    std, mean = torch.std_mean(x, correction=0)
-    return {"max_abs": x.abs().amax(), "mean": mean, "std": std, "logsumexp_mean": lse.mean(),
-            "logsumexp_max": lse.amax(), "z_loss": lse.square().mean()}
+    var, mean = torch.var_mean(x, correction=0)
+    return {"n": torch.tensor(float(x.numel()), device=x.device), "mean": mean, "m2": var * x.numel(),
+            "max_abs": x.abs().amax(), "rows": torch.tensor(float(lse.numel()), device=x.device),
+            "lse_sum": lse.sum(), "lse_max": lse.amax(), "lse_sq_sum": lse.square().sum()}
+
+
+def combine_logit_moments(parts: list[dict[str, Tensor]]) -> dict[str, Tensor]:
+    """logit_moments of several chunks as if of one (Chan et al.'s pairwise update for mean and variance)."""
+    total = dict(parts[0])
+    for part in parts[1:]:
+        n = total["n"] + part["n"]
+        delta = part["mean"] - total["mean"]
+        total["m2"] = total["m2"] + part["m2"] + delta.square() * total["n"] * part["n"] / n
+        total["mean"] = total["mean"] + delta * part["n"] / n
+        total["n"] = n
+        for key in ("rows", "lse_sum", "lse_sq_sum"):
+            total[key] = total[key] + part[key]
+        for key in ("max_abs", "lse_max"):
+            total[key] = torch.maximum(total[key], part[key])
+    return total
+
+
+def logit_stats(moments: dict[str, Tensor]) -> dict[str, Tensor]:
+    """max |logit|, mean, std, mean and max log Z, and z_loss = mean log²Z, the quantity the z-loss term
+    penalises (PaLM §5), whatever its coefficient."""
+    return {"max_abs": moments["max_abs"], "mean": moments["mean"], "std": (moments["m2"] / moments["n"]).sqrt(),
+            "logsumexp_mean": moments["lse_sum"] / moments["rows"], "logsumexp_max": moments["lse_max"],
+            "z_loss": moments["lse_sq_sum"] / moments["rows"]}
+
+
+def run_probe(pl_module: pl.LightningModule, probe: dict[str, Tensor], monitors: list[_ProbeMonitor]
+              ) -> list[dict[str, Tensor]]:
+    """The probe forward that serves every monitor in `monitors`, on as many sequences at a time as the most
+    memory-hungry of them allows: each hooks in with `begin`, reads each chunk's logits in `observe`, unhooks in
+    `end` and returns its metrics from `finish`. Call it under probe_context."""
+    n, seq_len = probe["input_ids"].shape
+    chunk = max(1, min(monitor.sequences_per_forward(pl_module.model.config, seq_len) for monitor in monitors))
+    states = [monitor.begin(pl_module) for monitor in monitors]
+    try:
+        for start in range(0, n, chunk):
+            part = {key: value[start:start + chunk] for key, value in probe.items()}
+            logits = forward_probe(pl_module, part)
+            for monitor, state in zip(monitors, states):
+                monitor.observe(state, logits, part)
+    finally:
+        for monitor, state in zip(monitors, states):
+            monitor.end(state)
+    return [monitor.finish(state, n) for monitor, state in zip(monitors, states)]
 
 
 class _ProbeMonitor(pl.Callback):
-    """A monitor that runs a forward on the first `probe_sequences` sequences of every `every_n_steps`-th step."""
+    """A monitor that reads a probe forward on the first `probe_sequences` sequences of every `every_n_steps`-th
+    step. The first due monitor runs the forward for every due monitor with the same probe_sequences."""
 
     def __init__(self, every_n_steps: int, probe_sequences: int) -> None:
         check_interval(type(self).__name__, every_n_steps)
@@ -110,31 +161,66 @@ class _ProbeMonitor(pl.Callback):
             raise ValueError(f"{type(self).__name__}: probe_sequences={probe_sequences!r} must be >= 1")
         self.every_n_steps, self.probe_sequences = every_n_steps, probe_sequences
         self.last_metrics: dict[str, float] = {}
+        self._measured_step = -1  # the step whose probe forward (this monitor's or another's) measured it
+
+    def due(self, trainer: pl.Trainer, batch_idx: int) -> bool:
+        return log_step(trainer) % self.every_n_steps == 0 and first_micro_batch(trainer, batch_idx)
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
                              batch_idx: int) -> None:
         step = log_step(trainer)
-        if step % self.every_n_steps or not first_micro_batch(trainer, batch_idx):
+        if not self.due(trainer, batch_idx) or self._measured_step == step:
             return
+        group = [monitor for monitor in trainer.callbacks if isinstance(monitor, _ProbeMonitor)
+                 and monitor.probe_sequences == self.probe_sequences and monitor.due(trainer, batch_idx)]
         with probe_context(trainer):
-            metrics = self.measure(pl_module, probe_batch(batch, self.probe_sequences))
-        self.last_metrics = log_values(trainer, metrics, step)
+            results = run_probe(pl_module, probe_batch(batch, self.probe_sequences), group)
+        logged = log_values(trainer, {key: value for metrics in results for key, value in metrics.items()}, step)
+        for monitor, metrics in zip(group, results):
+            monitor._measured_step = step
+            monitor.last_metrics = {key: logged[key] for key in metrics if key in logged}
 
     def measure(self, pl_module: pl.LightningModule, probe: dict[str, Tensor]) -> dict[str, Tensor]:
+        """This monitor's metrics on `probe` from a probe forward of its own (under probe_context or no_grad)."""
+        return run_probe(pl_module, probe, [self])[0]
+
+    # What run_probe calls; the defaults read nothing.
+    def sequences_per_forward(self, config: Any, seq_len: int) -> int:
+        raise NotImplementedError
+
+    def begin(self, pl_module: pl.LightningModule) -> Any:
+        return None
+
+    def observe(self, state: Any, logits: Tensor, probe: dict[str, Tensor]) -> None:
+        pass
+
+    def end(self, state: Any) -> None:
+        pass
+
+    def finish(self, state: Any, n: int) -> dict[str, Tensor]:
         raise NotImplementedError
 
 
 class LogitMonitor(_ProbeMonitor):
     """Output-logit statistics on the probe batch every `every_n_steps` steps: stability/logits/{max_abs, mean,
     std, logsumexp_mean, logsumexp_max, z_loss}. Logit growth precedes the output-logit divergence that z-loss
-    prevents (Wortsman et al. 2023, §3.2). The probe's fp32 logits take about 3·P·T·V·4 bytes for a moment
-    (P=2, T=2048, V=32000: 1.5 GB), at the start of the step, when the training activations are freed."""
+    prevents (Wortsman et al. 2023, §3.2). The probe's fp32 logits take about 3·T·V·4 bytes per sequence for a
+    moment (T=2048, V=32000: 0.8 GB), at the start of the step, when the training activations are freed."""
 
     def __init__(self, every_n_steps: int = 100, probe_sequences: int = 2) -> None:
         super().__init__(every_n_steps, probe_sequences)
 
-    def measure(self, pl_module: pl.LightningModule, probe: dict[str, Tensor]) -> dict[str, Tensor]:
-        stats = logit_stats(forward_probe(pl_module, probe), probe.get("labels"))
+    def sequences_per_forward(self, config: Any, seq_len: int) -> int:
+        return PROBE_BYTES // (3 * 4 * seq_len * config.vocab_size)
+
+    def begin(self, pl_module: pl.LightningModule) -> list[dict[str, Tensor]]:
+        return []  # logit_moments of each chunk
+
+    def observe(self, state: list[dict[str, Tensor]], logits: Tensor, probe: dict[str, Tensor]) -> None:
+        state.append(logit_moments(logits, probe.get("labels")))
+
+    def finish(self, state: list[dict[str, Tensor]], n: int) -> dict[str, Tensor]:
+        stats = logit_stats(combine_logit_moments(state))
         return {f"{PREFIX}/logits/{key}": value for key, value in stats.items()}
 
 
@@ -149,26 +235,12 @@ def attention_stats(logits: Tensor, allowed: Tensor) -> tuple[Tensor, Tensor]:
     return torch.maximum(high, -low), entropy.mean()
 
 
-@functools.cache
-def fused_attention_stats() -> Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]:
-    """attention_stats compiled: a few kernels that read a layer's H·T² logits once or twice, where eager makes
-    ~8 memory-bound passes over them (and allocates 3 more copies)."""
-    return torch.compile(attention_stats, dynamic=False)
-
-
-def layer_attention_stats(logits: Tensor, allowed: Tensor, fused: bool) -> tuple[Tensor, Tensor]:
-    if not (fused and logits.is_cuda):
-        return attention_stats(logits, allowed)
-    with torch.compiler.set_stance("default"):  # the probe runs the model eagerly; this one function is compiled
-        return fused_attention_stats()(logits, allowed)
-
-
 class _ProbeRecorder:
     """Hooks on each layer's attention (pre-forward: its input and positions) and block (forward: the
     residual stream it outputs), accumulating per-layer statistics over the probe forwards."""
 
-    def __init__(self, blocks: nn.ModuleList, activations: bool, fused: bool) -> None:
-        n, self.fused = len(blocks), fused
+    def __init__(self, blocks: nn.ModuleList, activations: bool) -> None:
+        n = len(blocks)
         self.max_abs: list[Optional[Tensor]] = [None] * n
         self.entropy_sum: list[Optional[Tensor]] = [None] * n
         self.square_sum: list[Optional[Tensor]] = [None] * n
@@ -186,15 +258,15 @@ class _ProbeRecorder:
     def _attention_hook(self, i: int) -> Callable[..., None]:
         def hook(attn: Attention, args: tuple) -> None:
             x, positions = args  # Block calls self.attn(h, positions) positionally
-            max_abs, entropy = layer_attention_stats(attn.attention_logits(x, positions), allowed_mask(positions),
-                                                     self.fused)
+            max_abs, entropy = attention_stats(attn.attention_logits(x, positions), allowed_mask(positions))
             self.max_abs[i] = self._add(self.max_abs[i], max_abs, torch.maximum)
-            self.entropy_sum[i] = self._add(self.entropy_sum[i], entropy, torch.add)
+            self.entropy_sum[i] = self._add(self.entropy_sum[i], entropy * x.shape[0], torch.add)
         return hook
 
     def _block_hook(self, i: int) -> Callable[..., None]:
         def hook(block: nn.Module, args: tuple, output: Tensor) -> None:  # output (B, T, d_model)
-            self.square_sum[i] = self._add(self.square_sum[i], output.float().square().mean(), torch.add)
+            self.square_sum[i] = self._add(self.square_sum[i], output.float().square().mean() * output.shape[0],
+                                           torch.add)
         return hook
 
     def remove(self) -> None:
@@ -212,24 +284,24 @@ class AttentionMonitor(_ProbeMonitor):
                                             collapse towards 0 is the same failure seen from the softmax side.
     stability/act_rms/layer_{i:02d}         RMS of the residual stream after block i (with `activations`).
 
-    The probe runs one sequence at a time, so a layer's fp32 logits and probabilities take 2·H·T² floats
-    (T=2048, H=16: 0.5 GB), freed before the next layer. With `fused` (GPU only) the statistics of a layer's
-    logits are one torch.compile'd function (compiled once, at the first monitored step).
+    A layer's fp32 logits and probabilities take 2·H·T² floats per sequence (T=2048, H=16: 0.5 GB), freed before
+    the next layer; the probe forward batches as many sequences as PROBE_BYTES holds.
     """
 
-    def __init__(self, every_n_steps: int = 100, probe_sequences: int = 2, activations: bool = True,
-                 fused: bool = True) -> None:
+    def __init__(self, every_n_steps: int = 100, probe_sequences: int = 2, activations: bool = True) -> None:
         super().__init__(every_n_steps, probe_sequences)
-        self.activations, self.fused = activations, fused
+        self.activations = activations
 
-    def measure(self, pl_module: pl.LightningModule, probe: dict[str, Tensor]) -> dict[str, Tensor]:
-        n = probe["input_ids"].shape[0]
-        recorder = _ProbeRecorder(pl_module.model.blocks, self.activations, self.fused)
-        try:
-            for b in range(n):  # one sequence at a time: a layer's fp32 logits are H·T² per sequence
-                forward_probe(pl_module, {key: value[b:b + 1] for key, value in probe.items()})
-        finally:
-            recorder.remove()
+    def sequences_per_forward(self, config: Any, seq_len: int) -> int:
+        return PROBE_BYTES // (3 * 4 * config.n_head * seq_len * seq_len)
+
+    def begin(self, pl_module: pl.LightningModule) -> _ProbeRecorder:
+        return _ProbeRecorder(pl_module.model.blocks, self.activations)
+
+    def end(self, recorder: _ProbeRecorder) -> None:
+        recorder.remove()
+
+    def finish(self, recorder: _ProbeRecorder, n: int) -> dict[str, Tensor]:
         metrics: dict[str, Tensor] = {}
         for i in range(len(recorder.max_abs)):
             metrics[f"{PREFIX}/attn_logit_max/layer_{i:02d}"] = recorder.max_abs[i]

@@ -68,6 +68,49 @@ def test_logit_monitor_z_loss_equals_the_training_z_loss_on_the_whole_batch():
         assert probe[step] == pytest.approx(train[step], rel=1e-5)
 
 
+def test_logit_moments_of_chunks_combine_to_the_whole_batchs():
+    from llmtrain.callbacks.stability import combine_logit_moments, logit_moments, logit_stats
+
+    torch.manual_seed(0)
+    logits, labels = torch.randn(5, 7, 11) * 3 + 1, torch.randint(0, 11, (5, 7))
+    labels[1, :4] = -100
+    whole = logit_stats(logit_moments(logits, labels))
+    chunks = logit_stats(combine_logit_moments([logit_moments(logits[i:i + 2], labels[i:i + 2]) for i in (0, 2, 4)]))
+    for key, value in whole.items():
+        assert float(chunks[key]) == pytest.approx(float(value), rel=1e-5), key
+
+
+def test_probe_monitors_share_one_forward_and_chunking_changes_no_value(monkeypatch):
+    """Due on the same step with the same probe_sequences, LogitMonitor and AttentionMonitor read one probe
+    forward; with PROBE_BYTES too small for two sequences it runs one per sequence, and the values stay."""
+    import llmtrain.callbacks.stability as stability
+
+    def run(probe_bytes: int) -> tuple[dict, int]:
+        monkeypatch.setattr(stability, "PROBE_BYTES", probe_bytes)
+        forward_probe, calls = stability.forward_probe, []
+
+        def counted(pl_module, probe):
+            calls.append(probe["input_ids"].shape[0])
+            return forward_probe(pl_module, probe)
+
+        monkeypatch.setattr(stability, "forward_probe", counted)
+        torch.manual_seed(0)
+        _, logger = fit(LanguageModel(tiny_config(), OPTIM), random_batches(3),
+                        [LogitMonitor(every_n_steps=2, probe_sequences=3),
+                         AttentionMonitor(every_n_steps=2, probe_sequences=3)], max_steps=3)
+        return logger.scalars, calls
+
+    batched, forwards = run(2**30)
+    assert forwards == [3, 3]  # steps 0 and 2: one forward of the 3 probe sequences serves both monitors
+    chunked, forwards = run(1)
+    assert forwards == [1, 1, 1, 1, 1, 1]
+    tags = [tag for tag in batched if tag.startswith("stability/")]
+    assert any("logits" in tag for tag in tags) and any("attn_entropy" in tag for tag in tags)
+    for tag in tags:
+        for step, value in batched[tag].items():
+            assert chunked[tag][step] == pytest.approx(value, rel=1e-5, abs=1e-7), (tag, step)
+
+
 # -------------------------------------------------------------------------------------------- AttentionMonitor
 
 
