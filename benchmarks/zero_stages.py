@@ -28,8 +28,8 @@ STRATEGIES = {
     "ZeRO-2 again": ["--config", "configs/deepspeed/zero2.yaml"],
     "ZeRO-2 overlap_comm off": ["--config", "configs/deepspeed/zero2.yaml",
                                 "--trainer.strategy.init_args.overlap_comm", "false"],
-    # ZeRO-3 ends 0.088 above the single device, beyond the ZeRO-2 reruns' spread: its sharding, or its compile
-    # scope (per block, the loss eager), which ZeRO-2 can also run?
+    # ZeRO-3's own spread, and compile scope apart from sharding (ZeRO-2 with ZeRO-3's `compile: blocks`): the
+    # checks that found ZeRO-3's bf16 RoPE tables and its lost weight decay (docs/benchmarks.md)
     "ZeRO-3 again": ["--config", "configs/deepspeed/zero3.yaml"],
     "ZeRO-2 compile blocks": ["--config", "configs/deepspeed/zero2.yaml", "--model.compile", "blocks"],
 }
