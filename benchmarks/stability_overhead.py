@@ -137,12 +137,10 @@ def window_times(run_dir: Path, skip_steps: int, tokens_per_step: int) -> dict[i
     return windows
 
 
-def monitored_windows(window_steps: list[int], every: int) -> tuple[set[int], int]:
-    """The windows (by logged step) that hold a monitored step, with the window after each, and how many monitored
-    steps they hold. A window logged at s holds steps s-W..s-1 (W: the window length) as the callbacks count them
-    at their batch start."""
-    steps = sorted(window_steps)
-    length = steps[1] - steps[0] if len(steps) > 1 else 1
+def monitored_windows(steps: list[int], length: int, every: int) -> tuple[set[int], int]:
+    """The windows (by logged step, sorted) that hold a monitored step, with the window after each, and how many
+    monitored steps they hold. A window logged at s holds steps s-length..s-1 as the callbacks count them at their
+    batch start."""
     held, monitored = set(), 0
     for i, s in enumerate(steps):
         count = sum(1 for m in range(s - length, s) if m % every == 0)
@@ -154,13 +152,13 @@ def monitored_windows(window_steps: list[int], every: int) -> tuple[set[int], in
 
 def split_cost(windows: dict[int, float], every: int) -> dict[str, float]:
     """Within one run: the median unmonitored step (s), and the cost of one monitored step (s) over it."""
-    held, monitored = monitored_windows(list(windows), every)
+    steps = sorted(windows)
+    length = steps[1] - steps[0] if len(steps) > 1 else 1  # steps per window
+    held, monitored = monitored_windows(steps, length, every)
     plain = [t for s, t in windows.items() if s not in held]
     if not plain or not monitored:
         raise SystemExit(f"need windows with and without a monitored step (every {every}); run more --steps")
     median = statistics.median(plain)
-    steps = sorted(windows)
-    length = steps[1] - steps[0] if len(steps) > 1 else 1
     excess = sum((windows[s] - median) * length for s in held)
     return {"median_step": median, "monitored_cost": excess / monitored}
 
