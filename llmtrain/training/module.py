@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import random
 from dataclasses import asdict, fields
-from typing import Any, Literal, Optional, Union
+from typing import Any, Literal, Optional, Union, get_args
 
 import lightning.pytorch as pl
 import torch
@@ -20,7 +20,6 @@ CompileScope = Literal["off", "model", "blocks"]
 # torch.compile's modes; "reduce-overhead" replays the compiled graphs as CUDA graphs (one launch per graph: for
 # steps whose GPU waits on the host's kernel launches, as StepProfiler showed at 124M).
 CompileMode = Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]
-COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 # Fields that change parameter shapes: a checkpoint that differs in any of them cannot be loaded.
 SHAPE_FIELDS = ("vocab_size", "d_model", "n_layer", "n_head", "n_kv_head", "head_dim", "d_ff", "bias", "ffn",
@@ -62,11 +61,12 @@ class LanguageModel(pl.LightningModule):
             optim = OptimConfig(**optim)
         if z_loss_coef < 0:
             raise ConfigError(f"model: z_loss_coef={z_loss_coef!r} is invalid: must be >= 0")
-        if compile not in ("off", "model", "blocks"):
-            raise ConfigError(f"model: compile={compile!r} is invalid: choose one of off, model, blocks")
-        if compile_mode not in COMPILE_MODES:
+        if compile not in get_args(CompileScope):
+            raise ConfigError(f"model: compile={compile!r} is invalid: choose one of "
+                              f"{', '.join(get_args(CompileScope))}")
+        if compile_mode not in get_args(CompileMode):
             raise ConfigError(f"model: compile_mode={compile_mode!r} is invalid: choose one of "
-                              f"{', '.join(COMPILE_MODES)}")
+                              f"{', '.join(get_args(CompileMode))}")
         self.config = config
         self.optim_config = optim or OptimConfig()
         self.z_loss_coef = z_loss_coef
