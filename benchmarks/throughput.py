@@ -65,10 +65,12 @@ IMPLEMENTATIONS = ("baseline", "litgpt", "llmtrain")
 # levers joined by "+", e.g. "mb2x+fp8".
 LEVERS = {
     "mb2x": "micro-batch doubled",
+    "mb4x": "micro-batch quadrupled",
     "fp8": "float8 matmuls for every Linear but the LM head (model.float8, torchao)",
     "nostab": "without the stability callbacks (LogitMonitor, AttentionMonitor, WeightMonitor, SpikeDetector)",
     "cudagraphs": "compiled region replayed as CUDA graphs (model.compile_mode: reduce-overhead)",
 }
+MICRO_BATCH_LEVERS = {"mb2x": 2, "mb4x": 4}  # lever -> factor on the shape's micro-batch
 STABILITY_CALLBACKS = ("LogitMonitor", "AttentionMonitor", "WeightMonitor", "SpikeDetector")
 MONITOR_INTERVAL = 100  # the monitors' every_n_steps in configs/llama-*.yaml
 
@@ -80,6 +82,10 @@ def parse_variant(variant: str) -> tuple[str, ...]:
         raise SystemExit(f"--variants {variant!r}: unknown lever(s) {unknown}; use 'shipped' or levers from "
                          f"{sorted(LEVERS)} joined by '+'")
     return levers
+
+
+def micro_batch_factor(levers: tuple[str, ...]) -> int:
+    return math.prod(MICRO_BATCH_LEVERS.get(lever, 1) for lever in levers)
 
 
 def model_config(shape: str, vocab_size: int, seq: int) -> ModelConfig:
@@ -396,13 +402,16 @@ def largest_micro_batch(results: list[dict]) -> list[str]:
     if not torch.cuda.is_available():
         return []
     capacity = 0.95 * torch.cuda.get_device_properties(0).total_memory / 2**30
-    measured = {(r["shape"], r["impl"], tuple(sorted(set(parse_variant(r["variant"])) - {"mb2x"}))): r
-                for r in results if r.get("peak_gib") and "mb2x" not in parse_variant(r["variant"])}
+
+    def other_levers(r: dict) -> tuple:
+        return r["shape"], r["impl"], tuple(sorted(set(parse_variant(r["variant"])) - set(MICRO_BATCH_LEVERS)))
+
+    measured = {other_levers(r): r for r in results
+                if r.get("peak_gib") and micro_batch_factor(parse_variant(r["variant"])) == 1}
     lines = []
     for r in results:
-        levers = set(parse_variant(r["variant"]))
-        small = measured.get((r["shape"], r["impl"], tuple(sorted(levers - {"mb2x"}))))
-        if "mb2x" not in levers or not r.get("peak_gib") or small is None:
+        small = measured.get(other_levers(r))
+        if micro_batch_factor(parse_variant(r["variant"])) == 1 or not r.get("peak_gib") or small is None:
             continue
         per_sequence = (r["peak_gib"] - small["peak_gib"]) / (r["micro_batch"] - small["micro_batch"])
         fixed = small["peak_gib"] - per_sequence * small["micro_batch"]
@@ -428,7 +437,7 @@ def main() -> None:
     parser.add_argument("--only", nargs="+", default=list(IMPLEMENTATIONS), choices=IMPLEMENTATIONS)
     parser.add_argument("--variants", nargs="+", default=["shipped"],
                         help=f"llmtrain rows: 'shipped' or levers joined by '+' ({', '.join(LEVERS)})")
-    parser.add_argument("--baseline_variants", nargs="+", default=["shipped"], choices=["shipped", "mb2x"],
+    parser.add_argument("--baseline_variants", nargs="+", default=["shipped"], choices=["shipped", "mb2x", "mb4x"],
                         help="baseline/litgpt rows: at the shape's micro-batch, and/or doubled")
     parser.add_argument("--profile", type=int, default=0, metavar="N",
                         help="profile N steps after the timed window of every row (StepProfiler's report; profile_*.md)")
@@ -468,7 +477,7 @@ def main() -> None:
         cfg = model_config(shape, args.vocab_size, TINY_SEQ if args.tiny else SEQ)
         for impl, variant in rows(args):
             levers = parse_variant(variant)
-            micro_batch = (args.micro_batch_size or SHAPES[shape][3]) * (2 if "mb2x" in levers else 1)
+            micro_batch = (args.micro_batch_size or SHAPES[shape][3]) * micro_batch_factor(levers)
             label = impl if variant == "shipped" else f"{impl} ({variant})"
             print(f"[throughput] {shape} {label} (micro-batch {micro_batch}, {args.steps} steps)...", flush=True)
             start = time.time()
