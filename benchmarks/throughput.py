@@ -14,6 +14,8 @@ through the same function: profile_<row>.md), so the rows' kernel time can be co
 Every row runs in its own subprocess (fresh compile caches, its own peak-memory counter). The first --warmup steps
 (compile, allocator) are excluded; the timed window is steps warmup+1..steps. The defaults (150 steps, 30 warm-up)
 put the stability monitors' step 100 inside llmtrain's window, as in a real run.
+SIGTERM (e.g. `timeout 540` ahead of a device call's 600 s limit) ends the script early but still writes the table
+of the rows done, and keeps an interrupted llmtrain row whose timed window its run had already logged.
 MFU = tokens/s x (6*N_matmul + 12*n_layer*d_model*seq) / 989e12 for every row (ModelConfig.flops_per_token; N_matmul
 is every parameter but the input embedding; 989 TFLOP/s = H100 SXM dense bf16 datasheet peak).
 
@@ -36,6 +38,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import signal
 import subprocess
 import sys
 import time
@@ -73,6 +76,14 @@ LEVERS = {
 MICRO_BATCH_LEVERS = {"mb2x": 2, "mb4x": 4}  # lever -> factor on the shape's micro-batch
 STABILITY_CALLBACKS = ("LogitMonitor", "AttentionMonitor", "WeightMonitor", "SpikeDetector")
 MONITOR_INTERVAL = 100  # the monitors' every_n_steps in configs/llama-*.yaml
+
+
+class Stopped(Exception):
+    """SIGTERM, e.g. from `timeout` ahead of a device call's time limit: the rows done so far are still reported."""
+
+
+def raise_stopped(signum: int, frame: object) -> None:
+    raise Stopped()
 
 
 def parse_variant(variant: str) -> tuple[str, ...]:
@@ -285,8 +296,6 @@ def total_steps(args: argparse.Namespace) -> int:
 
 
 def run_llmtrain(shape: str, micro_batch: int, levers: tuple[str, ...], args: argparse.Namespace) -> dict:
-    from llmtrain.events import read_scalars
-
     config = llmtrain_config(shape, args, levers)
     runs = args.out / "runs"
     name = row_name(shape, levers)
@@ -318,10 +327,23 @@ def run_llmtrain(shape: str, micro_batch: int, levers: tuple[str, ...], args: ar
     with open(log, "a") as f:
         f.write(f"\n$ {' '.join(cmd)}\n")
         f.flush()
-        code = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=REPO).returncode
+        try:
+            code = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=REPO).returncode
+        except Stopped:  # the fit may have written its timed window before the signal: keep it if so
+            result = llmtrain_result(run_dir, micro_batch, args)
+            if "failed" in result:
+                result = {"failed": "stopped (SIGTERM) before its timed window was written"}
+            return {**result, "stopped": True}
     if code != 0:
         return {"failed": f"llmtrain fit exited with {code}; see {log}"}
-    scalars = read_scalars(run_dir)
+    return llmtrain_result(run_dir, micro_batch, args)
+
+
+def llmtrain_result(run_dir: Path, micro_batch: int, args: argparse.Namespace) -> dict:
+    """An llmtrain row's figures, from the TensorBoard events of its run."""
+    from llmtrain.events import read_scalars
+
+    scalars = read_scalars(run_dir) if run_dir.is_dir() else {}
     tps = scalars.get("train/tokens_per_sec", {})
     if not tps:
         return {"failed": f"no train/tokens_per_sec in {run_dir}; raise --steps"}
@@ -344,7 +366,10 @@ def run_worker(impl: str, shape: str, micro_batch: int, args: argparse.Namespace
     with open(log, "a") as f:
         f.write(f"\n$ {' '.join(cmd)}\n")
         f.flush()
-        proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=f, text=True, cwd=REPO)
+        try:
+            proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=f, text=True, cwd=REPO)
+        except Stopped:
+            return {"failed": "stopped (SIGTERM) before the row finished", "stopped": True}
         f.write(proc.stdout)
     lines = proc.stdout.strip().splitlines()
     if proc.returncode != 0 or not lines:
@@ -472,22 +497,25 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     if "llmtrain" in args.only and not (Path(args.data_dir) / "metadata.json").is_file():
         parser.error(f"--data_dir {args.data_dir}: no prepared shards (metadata.json) there")
+    signal.signal(signal.SIGTERM, raise_stopped)
     results = []
-    for shape in shapes:
+    for shape, (impl, variant) in [(shape, row) for shape in shapes for row in rows(args)]:
         cfg = model_config(shape, args.vocab_size, TINY_SEQ if args.tiny else SEQ)
-        for impl, variant in rows(args):
-            levers = parse_variant(variant)
-            micro_batch = (args.micro_batch_size or SHAPES[shape][3]) * micro_batch_factor(levers)
-            label = impl if variant == "shipped" else f"{impl} ({variant})"
-            print(f"[throughput] {shape} {label} (micro-batch {micro_batch}, {args.steps} steps)...", flush=True)
-            start = time.time()
-            r = (run_llmtrain(shape, micro_batch, levers, args) if impl == "llmtrain"
-                 else run_worker(impl, shape, micro_batch, args))
-            r.update(shape=shape, impl=impl, variant=variant, label=label, micro_batch=micro_batch,
-                     wall_s=round(time.time() - start, 1), flops_per_token=cfg.flops_per_token(cfg.max_seq_len))
-            print(f"[throughput]   {json.dumps(r)}", flush=True)
-            results.append(r)
-            (args.out / "throughput.json").write_text(json.dumps(results, indent=2))
+        levers = parse_variant(variant)
+        micro_batch = (args.micro_batch_size or SHAPES[shape][3]) * micro_batch_factor(levers)
+        label = impl if variant == "shipped" else f"{impl} ({variant})"
+        print(f"[throughput] {shape} {label} (micro-batch {micro_batch}, {args.steps} steps)...", flush=True)
+        start = time.time()
+        r = (run_llmtrain(shape, micro_batch, levers, args) if impl == "llmtrain"
+             else run_worker(impl, shape, micro_batch, args))
+        r.update(shape=shape, impl=impl, variant=variant, label=label, micro_batch=micro_batch,
+                 wall_s=round(time.time() - start, 1), flops_per_token=cfg.flops_per_token(cfg.max_seq_len))
+        print(f"[throughput]   {json.dumps(r)}", flush=True)
+        results.append(r)
+        (args.out / "throughput.json").write_text(json.dumps(results, indent=2))
+        if r.get("stopped"):
+            print("[throughput] stopped by SIGTERM: the rows not yet run are left out", flush=True)
+            break
     text = table(results, args)
     print(text)
     (args.out / "throughput.md").write_text(text + "\n")
