@@ -463,7 +463,7 @@ def main() -> None:
     parser.add_argument("--variants", nargs="+", default=["shipped"],
                         help=f"llmtrain rows: 'shipped' or levers joined by '+' ({', '.join(LEVERS)})")
     parser.add_argument("--baseline_variants", nargs="+", default=["shipped"], choices=["shipped", "mb2x", "mb4x"],
-                        help="baseline/litgpt rows: at the shape's micro-batch, and/or doubled")
+                        help="baseline/litgpt rows: at the shape's micro-batch, and/or 2x or 4x it")
     parser.add_argument("--profile", type=int, default=0, metavar="N",
                         help="profile N steps after the timed window of every row (StepProfiler's report; profile_*.md)")
     parser.add_argument("--profile_monitored", action="store_true",
@@ -506,8 +506,11 @@ def main() -> None:
         label = impl if variant == "shipped" else f"{impl} ({variant})"
         print(f"[throughput] {shape} {label} (micro-batch {micro_batch}, {args.steps} steps)...", flush=True)
         start = time.time()
-        r = (run_llmtrain(shape, micro_batch, levers, args) if impl == "llmtrain"
-             else run_worker(impl, shape, micro_batch, args))
+        try:
+            r = (run_llmtrain(shape, micro_batch, levers, args) if impl == "llmtrain"
+                 else run_worker(impl, shape, micro_batch, args))
+        except Stopped:  # outside the row's subprocess (the runs handle it there)
+            r = {"failed": "stopped (SIGTERM)", "stopped": True}
         r.update(shape=shape, impl=impl, variant=variant, label=label, micro_batch=micro_batch,
                  wall_s=round(time.time() - start, 1), flops_per_token=cfg.flops_per_token(cfg.max_seq_len))
         print(f"[throughput]   {json.dumps(r)}", flush=True)
