@@ -83,6 +83,25 @@ def test_float8_converts_every_linear_but_the_head():
     assert kinds and set(kinds.values()) == {"Float8Linear"}, kinds
 
 
+def test_a_float8_model_keeps_the_plain_models_state_dict():
+    """Float8Linear keeps nn.Linear's parameters, so a float8 run's checkpoint loads into a plain model (export,
+    generate, a resume with float8 off) and a plain one into a float8 run."""
+    float8 = pytest.importorskip("torchao.float8")
+    from llmtrain.training.module import float8_eligible
+
+    config = ModelConfig(**TINY | {"d_model": 48, "vocab_size": 72})
+    plain, converted = LanguageModel(config), LanguageModel(config)
+    plain.configure_model()
+    converted.configure_model()
+    float8.convert_to_float8_training(converted.model, module_filter_fn=float8_eligible)
+    ours = {k: v.clone() for k, v in plain.model.state_dict().items()}
+    theirs = converted.model.state_dict()
+    assert {k: (v.shape, v.dtype) for k, v in ours.items()} == {k: (v.shape, v.dtype) for k, v in theirs.items()}
+    converted.model.load_state_dict(ours)  # strict
+    plain.model.load_state_dict({k: v + 1 for k, v in converted.model.state_dict().items()})
+    torch.testing.assert_close(plain.model.state_dict(), {k: v + 1 for k, v in ours.items()})
+
+
 def test_gradient_clipping_is_left_to_deepspeed_under_a_zero_strategy():
     """Lightning calls the hook under DeepSpeed too, after ZeRO has taken every p.grad: the module must neither
     clip nor log a norm of no gradients (train/grad_norm comes from the engine)."""
