@@ -309,11 +309,15 @@ def _model_fields(config: dict[str, Any]) -> dict[str, Any]:
 
 
 def token_budget(config: dict[str, Any]) -> Optional[int]:
-    """Tokens a run trains on: max_steps x micro-batch x seq_len x accumulation x devices x nodes (None when the
-    config leaves one open, e.g. devices: auto)."""
+    """Tokens a run trains on: max_steps x seq_len x the global batch, which is data.global_batch_size where set,
+    else micro-batch x accumulation x devices x nodes (None when the config leaves one open, e.g. devices: auto)."""
     trainer, data = config.get("trainer") or {}, config.get("data") or {}
-    factors = [trainer.get("max_steps"), data.get("micro_batch_size", 8), data.get("seq_len", 2048),
-               trainer.get("accumulate_grad_batches", 1), trainer.get("devices", 1), trainer.get("num_nodes", 1)]
+    factors = [trainer.get("max_steps"), data.get("seq_len", 2048)]
+    if data.get("global_batch_size") is not None:
+        factors.append(data["global_batch_size"])
+    else:
+        factors += [data.get("micro_batch_size", 8), trainer.get("accumulate_grad_batches", 1),
+                    trainer.get("devices", 1), trainer.get("num_nodes", 1)]
     if not all(isinstance(f, int) and not isinstance(f, bool) and f > 0 for f in factors):
         return None
     return math.prod(factors)

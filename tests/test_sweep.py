@@ -13,7 +13,7 @@ import yaml
 from torch.utils.tensorboard import SummaryWriter
 
 from llmtrain.cli import main as llmtrain_main
-from llmtrain.sweep import SweepSpec, array_ranges, expand_grid, expand_runs, sweep_main
+from llmtrain.sweep import SweepSpec, array_ranges, expand_grid, expand_runs, sweep_main, token_budget
 from llmtrain.sweep_report import lr_sensitivity, write_sweep_report
 
 REPO = Path(__file__).resolve().parents[1]
@@ -68,6 +68,16 @@ def test_shape_sweeps_hold_parameters_within_two_percent(spec, by):
     assert len({r.shape["d_model"] for r in runs.values()}) == len(runs)  # d_model was sized for each
     for run in runs.values():
         assert abs(run.params / baseline.params - 1) < 0.02, (run.variant, run.params, baseline.params)
+
+
+def test_token_budget_reads_the_global_batch_where_it_is_set():
+    config = {"trainer": {"max_steps": 10, "devices": 4, "accumulate_grad_batches": 2},
+              "data": {"seq_len": 128, "micro_batch_size": 8}}
+    assert token_budget(config) == 10 * 128 * 8 * 2 * 4
+    config["data"]["global_batch_size"] = 96  # the trainer's accumulation then follows from it
+    assert token_budget(config) == 10 * 128 * 96
+    config["trainer"]["devices"] = "auto"
+    assert token_budget(config) == 10 * 128 * 96
 
 
 @pytest.mark.parametrize("spec_path", SPECS, ids=lambda p: p.stem)

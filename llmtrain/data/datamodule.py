@@ -417,6 +417,10 @@ class TokenDataModule(L.LightningDataModule):
         text_field: the text column of .jsonl/.parquet/hub sources (on-the-fly mode).
         seq_len: tokens per training sequence (each sample holds seq_len + 1 tokens: inputs and next-token labels).
         micro_batch_size: sequences per rank per step.
+        global_batch_size: sequences per optimizer step over all ranks. Set, it fixes the trainer's
+            accumulate_grad_batches to global_batch_size / (micro_batch_size * world_size) at setup, so the recipe's
+            batch stays the same on any number of GPUs (a resume on another world size included) and
+            micro_batch_size becomes a memory and speed setting. None: the trainer's accumulate_grad_batches as given.
         val_micro_batch_size: sequences per rank per validation step (None: micro_batch_size).
         num_workers: DataLoader worker processes per rank (0: load in the training process).
         seed: seed of the training order (each epoch reshuffled with seed and epoch).
@@ -435,6 +439,7 @@ class TokenDataModule(L.LightningDataModule):
         text_field: str = "text",
         seq_len: int = 2048,
         micro_batch_size: int = 8,
+        global_batch_size: Optional[int] = None,
         val_micro_batch_size: Optional[int] = None,
         num_workers: int = 2,
         seed: int = 1234,
@@ -448,13 +453,14 @@ class TokenDataModule(L.LightningDataModule):
         if data_dir is None and (source is None or tokenizer is None):
             raise ValueError("data: give data_dir (prepared shards), or source and tokenizer (on-the-fly mode)")
         for name, value in (("seq_len", seq_len), ("micro_batch_size", micro_batch_size),
-                            ("val_micro_batch_size", val_micro_batch_size or 1)):
+                            ("global_batch_size", 1 if global_batch_size is None else global_batch_size),
+                            ("val_micro_batch_size", 1 if val_micro_batch_size is None else val_micro_batch_size)):
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"data: {name}={value!r} is invalid: must be an int >= 1")
         if num_workers < 0:
             raise ValueError(f"data: num_workers={num_workers} is invalid: must be >= 0")
         self.data_dir, self.source, self.tokenizer, self.text_field = data_dir, source, tokenizer, text_field
-        self.seq_len, self.micro_batch_size = seq_len, micro_batch_size
+        self.seq_len, self.micro_batch_size, self.global_batch_size = seq_len, micro_batch_size, global_batch_size
         self.val_micro_batch_size = val_micro_batch_size or micro_batch_size
         self.num_workers, self.seed, self.add_bos = num_workers, seed, add_bos
         self.document_masking, self.pin_memory = document_masking, pin_memory
@@ -485,6 +491,8 @@ class TokenDataModule(L.LightningDataModule):
         return 0, 1
 
     def setup(self, stage: Optional[str] = None) -> None:
+        if self.global_batch_size is not None and self.trainer is not None:
+            self.trainer.accumulate_grad_batches = self.accumulation(self.trainer.accumulate_grad_batches)
         if self._ready:
             return
         if self.on_the_fly:
@@ -542,6 +550,24 @@ class TokenDataModule(L.LightningDataModule):
 
     def _where(self) -> str:
         return self.data_dir if not self.on_the_fly else f"source {self.source}"  # type: ignore[return-value]
+
+    def accumulation(self, trainer_value: int = 1) -> int:
+        """Micro-batches per optimizer step that make global_batch_size on this world size; `trainer_value` is the
+        trainer's accumulate_grad_batches, which must be left at 1 or agree."""
+        _, world = self._rank_world()
+        per_step = self.micro_batch_size * world
+        steps, remainder = divmod(self.global_batch_size, per_step)
+        if remainder or steps < 1:
+            raise ValueError(
+                f"data: global_batch_size={self.global_batch_size} is not a multiple of micro_batch_size "
+                f"{self.micro_batch_size} x world_size {world} = {per_step}: choose a multiple of {per_step}, or "
+                "another micro_batch_size")
+        if trainer_value not in (1, steps):
+            raise ValueError(
+                f"data: global_batch_size={self.global_batch_size} needs accumulate_grad_batches={steps} on "
+                f"{world} rank(s) x micro_batch_size {self.micro_batch_size}, but trainer.accumulate_grad_batches="
+                f"{trainer_value}: leave trainer.accumulate_grad_batches unset (1) or drop data.global_batch_size")
+        return steps
 
     def _check_enough(self, split: str, windows: Optional[int], needed: int) -> None:
         if windows is None or windows >= needed:

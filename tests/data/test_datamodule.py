@@ -170,3 +170,37 @@ def test_other_tokenizer_and_damaged_shards_are_refused(tmp_path: Path, shards_d
     (damaged / "metadata.json").unlink()
     with pytest.raises(ShardError, match="metadata.json: missing"):
         TokenDataModule(data_dir=str(damaged), seq_len=T).setup()
+
+
+def test_global_batch_size_sets_the_accumulation_for_the_world_size(shards_dir: Path) -> None:
+    dm = TokenDataModule(data_dir=str(shards_dir), seq_len=T, micro_batch_size=4, global_batch_size=32)
+    for world, steps in ((1, 8), (2, 4), (8, 1)):
+        dm.set_distributed(0, world)
+        assert dm.accumulation() == steps
+    dm.set_distributed(0, 16)
+    with pytest.raises(ValueError, match=r"global_batch_size=32 is not a multiple of micro_batch_size 4 x "
+                                         r"world_size 16 = 64"):
+        dm.accumulation()
+    dm.set_distributed(0, 2)
+    with pytest.raises(ValueError, match=r"needs accumulate_grad_batches=4 .* trainer.accumulate_grad_batches=2"):
+        dm.accumulation(2)
+    for field in ("global_batch_size", "val_micro_batch_size"):
+        with pytest.raises(ValueError, match=rf"data: {field}=0 is invalid"):
+            TokenDataModule(data_dir=str(shards_dir), **{field: 0})
+
+
+def test_a_fit_with_global_batch_size_accumulates_to_it(shards_dir: Path, tmp_path: Path) -> None:
+    """The trainer's accumulation comes from the data's global batch at setup: 3 micro-batches of 2 per step."""
+    import lightning.pytorch as pl
+
+    from llmtrain.training.module import LanguageModel
+    from tests.callbacks import tiny_config
+
+    module = LanguageModel(tiny_config(vocab_size=400, max_seq_len=T))
+    dm = TokenDataModule(data_dir=str(shards_dir), seq_len=T, micro_batch_size=2, global_batch_size=6, num_workers=0)
+    trainer = pl.Trainer(accelerator="cpu", devices=1, max_steps=3, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+                         num_sanity_val_steps=0, default_root_dir=tmp_path)
+    trainer.fit(module, dm)
+    assert trainer.accumulate_grad_batches == 3 and trainer.global_step == 3
+    assert dm.consumed_samples == 3 * 6 and module.tokens_seen == 3 * 6 * T
