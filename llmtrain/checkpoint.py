@@ -1,7 +1,7 @@
 """Checkpoint conversion (`llmtrain convert`) and Hugging Face export (`llmtrain export --format hf`).
 
   ZeRO folder X.ckpt/ (stage 1/2/3, any world size)  --\
-                                                        +-> consolidated checkpoint -> one .ckpt file (convert)
+  universal checkpoint folder (below)                 ---+-> consolidated checkpoint -> one .ckpt file (convert)
   single-file Lightning checkpoint (DDP, one device)  --/                           -> HF Llama folder (export)
   ZeRO folder X.ckpt/ ------------------------------------> universal checkpoint folder (convert --universal):
                                                             resumes training on another number of ranks
@@ -18,6 +18,7 @@ import argparse
 import contextlib
 import dataclasses
 import enum
+import math
 import os
 import re
 import shutil
@@ -60,13 +61,16 @@ class CheckpointError(ValueError):
 
 
 def load_consolidated(src: str) -> dict[str, Any]:
-    """The consolidated checkpoint dict (see the module docstring) of a ZeRO folder or a single-file checkpoint."""
+    """The consolidated checkpoint dict (see the module docstring) of a ZeRO or universal checkpoint folder or a
+    single-file checkpoint."""
     path = Path(src)
     if not path.exists():
         old = path.with_name(f".old.{path.name}")
         hint = f" ({old} exists: a save was interrupted, pass that folder)" if old.exists() else ""
         raise FileNotFoundError(f"checkpoint {src}: no such file or folder{hint}")
-    if path.is_dir():
+    if is_universal(path) and not (path / "latest").is_file():
+        checkpoint, origin = _read_universal_folder(path)
+    elif path.is_dir():
         checkpoint, origin = _read_zero_folder(path)
     else:
         checkpoint, origin = _read_lightning_file(path)
@@ -107,6 +111,50 @@ def _read_zero_folder(folder: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     return checkpoint, origin
 
 
+def _read_universal_folder(folder: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The fp32 weights of a universal checkpoint: one whole (flattened) tensor per parameter in
+    `<tag>/zero/<name>/fp32.pt`, shaped by rank 0's `param_shapes`; Lightning's entries from that same file."""
+    tag_dir = folder / (folder / UNIVERSAL_LATEST).read_text().strip()
+    rank0 = next((tag_dir / name for name in RANK0_MODEL_STATES if (tag_dir / name).is_file()), None)
+    if rank0 is None:
+        raise CheckpointError(f"{folder}: a universal checkpoint without a rank-0 model states file "
+                              f"({' or '.join(RANK0_MODEL_STATES)}) in {tag_dir}")
+    client_state = _load_checked(rank0)
+    shapes = {name: shape for group in client_state.get("param_shapes") or [] for name, shape in group.items()}
+    if not shapes:
+        raise CheckpointError(f"{rank0}: no param_shapes: not a model states file DeepSpeed wrote")
+    state_dict = {}
+    for name, shape in shapes.items():
+        file = tag_dir / "zero" / name / "fp32.pt"
+        if not file.is_file():
+            raise CheckpointError(f"{folder}: no {file.relative_to(folder)}: the universal checkpoint is incomplete "
+                                  "(convert the ZeRO folder again)")
+        value = _load_checked(file)
+        value = value["param"] if isinstance(value, dict) else value  # DeepSpeed writes either form
+        if value.numel() != math.prod(shape):
+            raise CheckpointError(f"{file}: {value.numel()} values for a parameter of shape {tuple(shape)}")
+        state_dict[name] = value.reshape(shape)
+    module = client_state.get("module") or {}
+    state_dict.update({name: module[name] for name in client_state.get("buffer_names") or [] if name in module})
+    checkpoint = {key: client_state[key] for key in KEPT_ENTRIES if key in client_state}
+    checkpoint["state_dict"] = state_dict
+    zero = client_state.get("ds_config", {}).get("zero_optimization", {})
+    origin = {"format": "deepspeed-universal", "zero_stage": zero.get("stage"),
+              "world_size": client_state.get("dp_world_size"), "tag": tag_dir.name,
+              "deepspeed_version": client_state.get("ds_version")}
+    return checkpoint, origin
+
+
+def _load_checked(file: Path) -> Any:
+    """torch.load(weights_only=True) with DeepSpeed's plain-data classes allowed, or an error naming the file."""
+    with torch.serialization.safe_globals(_deepspeed_safe_globals()):
+        try:
+            return torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+        except Exception as error:
+            raise CheckpointError(f"{file}: refused, it does not load with torch.load(weights_only=True) "
+                                  f"and DeepSpeed's plain-data classes: {_first_line(error)}") from error
+
+
 def _verified_zero_folder(folder: Path) -> tuple[Path, dict[str, Any]]:
     """The tag folder of a ZeRO checkpoint and rank 0's model states (Lightning's entries), once every file is
     proven to hold nothing but tensors, containers and DeepSpeed's plain-data classes: DeepSpeed's own readers
@@ -125,15 +173,10 @@ def _verified_zero_folder(folder: Path) -> tuple[Path, dict[str, Any]]:
         raise CheckpointError(f"{folder}: no rank-0 model states file ({' or '.join(RANK0_MODEL_STATES)}) "
                               f"in {tag_dir}")
     client_state: dict[str, Any] = {}
-    with torch.serialization.safe_globals(_deepspeed_safe_globals()):
-        for file in model_files + optim_files:
-            try:
-                loaded = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
-            except Exception as error:
-                raise CheckpointError(f"{file}: refused, it does not load with torch.load(weights_only=True) "
-                                      f"and DeepSpeed's plain-data classes: {_first_line(error)}") from error
-            if file == rank0:
-                client_state = loaded
+    for file in model_files + optim_files:
+        loaded = _load_checked(file)
+        if file == rank0:
+            client_state = loaded
     return tag_dir, client_state
 
 
@@ -149,9 +192,8 @@ def _zero_tag_dir(folder: Path) -> Path:
     """The tag folder (Lightning's is `checkpoint`) that `latest` names."""
     latest = folder / "latest"
     if not latest.is_file() and is_universal(folder):
-        raise CheckpointError(f"{folder}: a universal checkpoint (made by `llmtrain convert --universal`); it resumes "
-                              "training (`llmtrain fit --ckpt_path`), and convert and export read the ZeRO folder "
-                              "it was made from")
+        raise CheckpointError(f"{folder}: a universal checkpoint (made by `llmtrain convert --universal`), not a "
+                              "ZeRO folder: pass the ZeRO folder it was made from")
     if not latest.is_file():
         hint = (" (this looks like the tag folder inside one: pass its parent)"
                 if any(folder.glob("*_model_states.pt")) else "")
@@ -308,7 +350,7 @@ def convert_main(argv: list[str]) -> int:
         description="Consolidate a DeepSpeed ZeRO checkpoint folder (stage 1/2/3, any world size) or a "
                     "single-file Lightning checkpoint into one fp32 .ckpt file without optimizer state; "
                     "it loads with torch.load(weights_only=True) and works with `llmtrain generate` and export.")
-    parser.add_argument("src", help="a ZeRO checkpoint folder (X.ckpt/) or a Lightning .ckpt file")
+    parser.add_argument("src", help="a ZeRO or universal checkpoint folder (X.ckpt/), or a Lightning .ckpt file")
     parser.add_argument("dst", help="the consolidated .ckpt file to write (with --universal: the new folder)")
     parser.add_argument("--universal", action="store_true",
                         help="write DeepSpeed's universal checkpoint of a ZeRO folder instead, with the optimizer "
@@ -502,7 +544,7 @@ def export_main(argv: list[str]) -> int:
         prog="llmtrain export",
         description="Export a Llama-compatible checkpoint (ZeRO folder or .ckpt file) as a Hugging Face folder: "
                     "config.json, model.safetensors, tokenizer. Other architectures are refused with the reasons.")
-    parser.add_argument("src", help="a ZeRO checkpoint folder (X.ckpt/) or a .ckpt file")
+    parser.add_argument("src", help="a ZeRO or universal checkpoint folder, or a .ckpt file")
     parser.add_argument("--format", choices=["hf"], default="hf", help="output format (hf: LlamaForCausalLM)")
     parser.add_argument("--out", required=True, help="output folder (must not exist or be empty)")
     parser.add_argument("--tokenizer", default=None,

@@ -138,7 +138,29 @@ def test_convert_universal_refuses_a_file_a_broken_source_and_a_universal_source
     universal = tmp_path / "u.ckpt"
     (universal / "checkpoint").mkdir(parents=True)
     (universal / "latest_universal").write_text("checkpoint")
-    with pytest.raises(CheckpointError, match="a universal checkpoint .* convert and export read the ZeRO folder"):
+    with pytest.raises(CheckpointError, match="a universal checkpoint without a rank-0 model states file"):
+        load_consolidated(str(universal))
+    with pytest.raises(CheckpointError, match="a universal checkpoint .*not a ZeRO folder: pass the ZeRO folder"):
+        convert_to_universal(str(universal), str(tmp_path / "again.ckpt"))
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_convert_and_export_read_a_universal_folder_as_its_zero_folder(tmp_path: Path, zero_folders,
+                                                                       stage: int) -> None:
+    folder, _ = zero_folders(stage, 2)
+    universal = convert_to_universal(str(folder), str(tmp_path / "u.ckpt"), workers=1)
+    assert convert_main([str(universal), str(tmp_path / "weights.ckpt")]) == 0
+    ours = torch.load(tmp_path / "weights.ckpt", weights_only=True)
+    theirs = load_consolidated(str(folder))
+    assert ours["state_dict"].keys() == theirs["state_dict"].keys()
+    for name, value in theirs["state_dict"].items():
+        assert torch.equal(ours["state_dict"][name], value), name
+    assert ours["global_step"] == theirs["global_step"] == 2
+    assert ours["llmtrain"]["tokens_seen"] == theirs["llmtrain"]["tokens_seen"] == 64
+    assert ours["converted_from"]["format"] == "deepspeed-universal" and ours["converted_from"]["zero_stage"] == stage
+    next((universal / "checkpoint" / "zero").iterdir()).joinpath("fp32.pt").unlink()  # a damaged copy
+    with pytest.raises(CheckpointError, match=r"no checkpoint/zero/.*/fp32.pt: the universal checkpoint is "
+                                              "incomplete"):
         load_consolidated(str(universal))
 
 
