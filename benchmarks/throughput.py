@@ -417,16 +417,17 @@ def table(results: list[dict], args: argparse.Namespace) -> str:
               "'vs baseline': against the baseline row at the shape's own micro-batch.",
               *[f"Lever {name}: {what}." for name, what in LEVERS.items()
                 if any(name in parse_variant(r["variant"]) for r in results)]]
-    return "\n".join(lines + largest_micro_batch(results))
+    memory = torch.cuda.get_device_properties(0).total_memory / 2**30 if torch.cuda.is_available() else None
+    return "\n".join(lines + largest_micro_batch(results, memory))
 
 
-def largest_micro_batch(results: list[dict]) -> list[str]:
+def largest_micro_batch(results: list[dict], memory_gib: Optional[float]) -> list[str]:
     """Largest micro-batch that fits, from rows that differ only in the micro-batch: peak memory is affine in the
     micro-batch (weights, gradients and optimizer state, plus activations per sequence), so two measured points
-    give the line, and the estimate is where it meets 95% of the GPU's memory."""
-    if not torch.cuda.is_available():
+    give the line, and the estimate is where it meets 95% of the GPU's memory (`memory_gib`; None: no GPU)."""
+    if memory_gib is None:
         return []
-    capacity = 0.95 * torch.cuda.get_device_properties(0).total_memory / 2**30
+    capacity = 0.95 * memory_gib
 
     def other_levers(r: dict) -> tuple:
         return r["shape"], r["impl"], tuple(sorted(set(parse_variant(r["variant"])) - set(MICRO_BATCH_LEVERS)))

@@ -9,6 +9,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 from stability_overhead import pair_row, parity_table, split_cost  # noqa: E402
+from throughput import largest_micro_batch  # noqa: E402
 
 
 def test_parity_table_gives_the_worst_tags_first_median_and_max_relative_difference():
@@ -41,3 +42,13 @@ def test_split_cost_charges_the_monitored_windows_and_the_next_over_the_runs_own
     assert row["share"] == pytest.approx(0.25 / (100 * 0.100))  # 2.5% of the steps between two monitored ones
     assert row["per_step"] == pytest.approx(0.100 / 0.099 - 1)
     assert row["split"] == pytest.approx(row["share"] + row["per_step"])
+
+
+def test_largest_micro_batch_is_read_off_the_line_through_two_peaks_of_otherwise_equal_rows():
+    rows = [{"shape": "1b", "impl": "llmtrain", "variant": v, "label": f"llmtrain ({v})", "micro_batch": mb,
+             "peak_gib": peak} for v, mb, peak in [("shipped", 4, 26.1), ("mb2x", 8, 36.3), ("mb2x+fp8", 8, 29.0)]]
+    lines = largest_micro_batch(rows, memory_gib=140.0)
+    # (36.3 - 26.1) / 4 = 2.55 GiB per sequence, 15.9 GiB fixed; 0.95 x 140 = 133 GiB -> 45 sequences. The fp8
+    # row has no fp8 row at the shipped micro-batch to pair with, so it gives no line.
+    assert lines[-1] == "| 1b | llmtrain (mb2x) | 15.9 | 2.55 | 45 |" and "mb2x+fp8" not in "\n".join(lines)
+    assert largest_micro_batch(rows, memory_gib=None) == []
