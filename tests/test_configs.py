@@ -25,8 +25,8 @@ def cli(capsys: pytest.CaptureFixture, *args: str) -> tuple[int, str, str]:
     error = ""
     try:
         code = llmtrain_main(list(args))
-    except SystemExit as exit:
-        code = exit.code if isinstance(exit.code, int) else 1
+    except SystemExit as stop:
+        code = stop.code if isinstance(stop.code, int) else 1
     except Exception as exc:  # the console script would print its traceback and exit 1
         code, error = 1, f"{type(exc).__name__}: {exc}"
     finally:
