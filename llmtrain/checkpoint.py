@@ -103,10 +103,16 @@ def _read_zero_folder(folder: Path) -> tuple[dict[str, Any], dict[str, Any]]:
 
     with contextlib.redirect_stdout(sys.stderr):  # DeepSpeed prints its progress; keep stdout for results
         state_dict = get_fp32_state_dict_from_zero_checkpoint(str(folder), tag=tag_dir.name)
+    return _deepspeed_checkpoint(client_state, state_dict, tag_dir, "deepspeed")
+
+
+def _deepspeed_checkpoint(client_state: dict[str, Any], state_dict: dict[str, Tensor], tag_dir: Path,
+                          fmt: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Lightning's entries of rank 0's model states with `state_dict`, and where they came from."""
     checkpoint = {key: client_state[key] for key in KEPT_ENTRIES if key in client_state}
     checkpoint["state_dict"] = state_dict
     zero = client_state.get("ds_config", {}).get("zero_optimization", {})
-    origin = {"format": "deepspeed", "zero_stage": zero.get("stage"), "world_size": client_state.get("dp_world_size"),
+    origin = {"format": fmt, "zero_stage": zero.get("stage"), "world_size": client_state.get("dp_world_size"),
               "tag": tag_dir.name, "deepspeed_version": client_state.get("ds_version")}
     return checkpoint, origin
 
@@ -136,13 +142,7 @@ def _read_universal_folder(folder: Path) -> tuple[dict[str, Any], dict[str, Any]
         state_dict[name] = value.reshape(shape)
     module = client_state.get("module") or {}
     state_dict.update({name: module[name] for name in client_state.get("buffer_names") or [] if name in module})
-    checkpoint = {key: client_state[key] for key in KEPT_ENTRIES if key in client_state}
-    checkpoint["state_dict"] = state_dict
-    zero = client_state.get("ds_config", {}).get("zero_optimization", {})
-    origin = {"format": "deepspeed-universal", "zero_stage": zero.get("stage"),
-              "world_size": client_state.get("dp_world_size"), "tag": tag_dir.name,
-              "deepspeed_version": client_state.get("ds_version")}
-    return checkpoint, origin
+    return _deepspeed_checkpoint(client_state, state_dict, tag_dir, "deepspeed-universal")
 
 
 def _load_checked(file: Path) -> Any:
