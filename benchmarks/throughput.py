@@ -69,11 +69,12 @@ IMPLEMENTATIONS = ("baseline", "litgpt", "llmtrain")
 LEVERS = {
     "mb2x": "micro-batch doubled",
     "mb4x": "micro-batch quadrupled",
+    "mb6x": "micro-batch x6 (124m 96, 350m 48: near the largest that fits an H200, ~125 and ~58)",
     "fp8": "float8 matmuls for every Linear but the LM head (model.float8, torchao)",
     "nostab": "without the stability callbacks (LogitMonitor, AttentionMonitor, WeightMonitor, SpikeDetector)",
     "cudagraphs": "compiled region replayed as CUDA graphs (model.compile_mode: reduce-overhead)",
 }
-MICRO_BATCH_LEVERS = {"mb2x": 2, "mb4x": 4}  # lever -> factor on the shape's micro-batch
+MICRO_BATCH_LEVERS = {"mb2x": 2, "mb4x": 4, "mb6x": 6}  # lever -> factor on the shape's micro-batch
 STABILITY_CALLBACKS = ("LogitMonitor", "AttentionMonitor", "WeightMonitor", "SpikeDetector")
 MONITOR_INTERVAL = 100  # the monitors' every_n_steps in configs/llama-*.yaml
 
@@ -421,7 +422,8 @@ def table(results: list[dict], args: argparse.Namespace) -> str:
 def largest_micro_batch(results: list[dict], memory_gib: Optional[float]) -> list[str]:
     """Largest micro-batch that fits, from rows that differ only in the micro-batch: peak memory is affine in the
     micro-batch (weights, gradients and optimizer state, plus activations per sequence), so two measured points
-    give the line, and the estimate is where it meets 95% of the GPU's memory (`memory_gib`; None: no GPU)."""
+    give the line (each row against its group's smallest micro-batch), and the estimate is where it meets 95% of
+    the GPU's memory (`memory_gib`; None: no GPU)."""
     if memory_gib is None:
         return []
     capacity = 0.95 * memory_gib
@@ -429,12 +431,14 @@ def largest_micro_batch(results: list[dict], memory_gib: Optional[float]) -> lis
     def other_levers(r: dict) -> tuple:
         return r["shape"], r["impl"], tuple(sorted(set(parse_variant(r["variant"])) - set(MICRO_BATCH_LEVERS)))
 
-    measured = {other_levers(r): r for r in results
-                if r.get("peak_gib") and micro_batch_factor(parse_variant(r["variant"])) == 1}
+    smallest: dict[tuple, dict] = {}
+    for r in results:
+        if r.get("peak_gib") and r["micro_batch"] < smallest.get(other_levers(r), {}).get("micro_batch", math.inf):
+            smallest[other_levers(r)] = r
     lines = []
     for r in results:
-        small = measured.get(other_levers(r))
-        if micro_batch_factor(parse_variant(r["variant"])) == 1 or not r.get("peak_gib") or small is None:
+        small = smallest.get(other_levers(r))
+        if not r.get("peak_gib") or small is None or small["micro_batch"] == r["micro_batch"]:
             continue
         per_sequence = (r["peak_gib"] - small["peak_gib"]) / (r["micro_batch"] - small["micro_batch"])
         fixed = small["peak_gib"] - per_sequence * small["micro_batch"]
@@ -460,7 +464,7 @@ def main() -> None:
     parser.add_argument("--only", nargs="+", default=list(IMPLEMENTATIONS), choices=IMPLEMENTATIONS)
     parser.add_argument("--variants", nargs="+", default=["shipped"],
                         help=f"llmtrain rows: 'shipped' or levers joined by '+' ({', '.join(LEVERS)})")
-    parser.add_argument("--baseline_variants", nargs="+", default=["shipped"], choices=["shipped", "mb2x", "mb4x"],
+    parser.add_argument("--baseline_variants", nargs="+", default=["shipped"], choices=["shipped", *MICRO_BATCH_LEVERS],
                         help="baseline/litgpt rows: at the shape's micro-batch, and/or 2x or 4x it")
     parser.add_argument("--profile", type=int, default=0, metavar="N",
                         help="profile N steps after the timed window of every row (StepProfiler's report; profile_*.md)")

@@ -52,3 +52,7 @@ def test_largest_micro_batch_is_read_off_the_line_through_two_peaks_of_otherwise
     # row has no fp8 row at the shipped micro-batch to pair with, so it gives no line.
     assert lines[-1] == "| 1b | llmtrain (mb2x) | 15.9 | 2.55 | 45 |" and "mb2x+fp8" not in "\n".join(lines)
     assert largest_micro_batch(rows, memory_gib=None) == []
+    # Without a shipped row, the pair is the group's two larger micro-batches.
+    pair = [{**r, "variant": v, "label": f"llmtrain ({v})", "micro_batch": mb, "peak_gib": peak}
+            for r, (v, mb, peak) in zip(rows, [("mb4x+fp8", 16, 45.0), ("mb6x+fp8", 24, 61.0)])]
+    assert largest_micro_batch(pair, memory_gib=140.0)[-1] == "| 1b | llmtrain (mb6x+fp8) | 13.0 | 2.00 | 60 |"
