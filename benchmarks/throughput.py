@@ -468,7 +468,7 @@ def main() -> None:
     parser.add_argument("--variants", nargs="+", default=["shipped"],
                         help=f"llmtrain rows: 'shipped' or levers joined by '+' ({', '.join(LEVERS)})")
     parser.add_argument("--baseline_variants", nargs="+", default=["shipped"], choices=["shipped", *MICRO_BATCH_LEVERS],
-                        help="baseline/litgpt rows: at the shape's micro-batch, and/or 2x or 4x it")
+                        help="baseline/litgpt rows: at the shape's micro-batch, and/or 2x, 4x or 6x it")
     parser.add_argument("--profile", type=int, default=0, metavar="N",
                         help="profile N steps after the timed window of every row (StepProfiler's report; profile_*.md)")
     parser.add_argument("--profile_monitored", action="store_true",

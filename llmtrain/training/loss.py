@@ -25,7 +25,6 @@ def cross_entropy_and_z(logits: torch.Tensor, labels: torch.Tensor) -> tuple[tor
     return ce, z
 
 
-
 def _target_logits(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """logits (N, V), labels (N,) -> each row's logit at its label (any value where the label is ignored)."""
     if torch.compiler.is_compiling():
