@@ -349,7 +349,8 @@ def convert_main(argv: list[str]) -> int:
         prog="llmtrain convert",
         description="Consolidate a DeepSpeed ZeRO checkpoint folder (stage 1/2/3, any world size), a universal "
                     "checkpoint folder or a single-file Lightning checkpoint into one fp32 .ckpt file without "
-                    "optimizer state; it loads with torch.load(weights_only=True) and works with `llmtrain generate` and export.")
+                    "optimizer state; it loads with torch.load(weights_only=True) and works with `llmtrain "
+                    "generate` and export.")
     parser.add_argument("src", help="a ZeRO or universal checkpoint folder (X.ckpt/), or a Lightning .ckpt file")
     parser.add_argument("dst", help="the consolidated .ckpt file to write (with --universal: the new folder)")
     parser.add_argument("--universal", action="store_true",
@@ -543,7 +544,8 @@ def export_main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(
         prog="llmtrain export",
         description="Export a Llama-compatible checkpoint (ZeRO or universal folder, or .ckpt file) as a Hugging "
-                    "Face folder: config.json, model.safetensors, tokenizer. Other architectures are refused with the reasons.")
+                    "Face folder: config.json, model.safetensors, tokenizer. Other architectures are refused with "
+                    "the reasons.")
     parser.add_argument("src", help="a ZeRO or universal checkpoint folder, or a .ckpt file")
     parser.add_argument("--format", choices=["hf"], default="hf", help="output format (hf: LlamaForCausalLM)")
     parser.add_argument("--out", required=True, help="output folder (must not exist or be empty)")

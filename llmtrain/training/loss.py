@@ -28,9 +28,10 @@ def cross_entropy_and_z(logits: torch.Tensor, labels: torch.Tensor) -> tuple[tor
 def _target_logits(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """logits (N, V), labels (N,) -> each row's logit at its label (any value where the label is ignored)."""
     if torch.compiler.is_compiling():
-        # A masked sum: inductor fuses it into the logsumexp's read of the logits, and its backward into the
+        # A masked sum, which inductor can fuse into the logsumexp's read of the logits, its backward into the
         # softmax-gradient kernel. gather's backward scatters into a dense fp32 (N, V) buffer that the next kernel
-        # reads again (3.6 ms written + 3.6 ms read per step at 124M, micro-batch 64, H200 profile).
+        # reads again (3.6 ms written + 3.6 ms read per step at 124M, micro-batch 64, H200 profile). The gain is
+        # measured on CPU only so far (benchmarks/loss_target.py, docs/benchmarks.md).
         vocab = torch.arange(logits.shape[-1], device=logits.device)
         return torch.where(vocab == labels.unsqueeze(1), logits, 0.0).sum(-1)
     # Eager, the masked sum would materialise (N, V) tensors: gather reads one logit per row.

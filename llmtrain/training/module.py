@@ -113,8 +113,9 @@ class LanguageModel(pl.LightningModule):
             for i, block in enumerate(self.model.blocks):
                 self.model.blocks[i] = checkpoint_wrapper(block)
         if self.compile_scope == "blocks":
+            options = self._compile_options()
             for block in self.model.blocks:
-                block.compile(options=self._compile_options())
+                block.compile(options=options)
         elif self.compile_scope == "model":
             # Loss inside the compiled region: no eager fp32 (B, T, V) logits (measured 1.15x at 124M on H100).
             self._loss_fn = torch.compile(self._forward_loss, options=self._compile_options())
