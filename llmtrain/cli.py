@@ -20,8 +20,8 @@ TOOL_COMMANDS: dict[str, tuple[str, str]] = {
     "report": ("llmtrain.report", "report_main"),
     "sweep": ("llmtrain.sweep", "sweep_main"),
     "submit": ("llmtrain.launch", "submit_main"),
-    "convert": ("llmtrain.checkpoint", "convert_main"),
-    "export": ("llmtrain.checkpoint", "export_main"),
+    "convert": ("llmtrain.checkpointing.convert", "convert_main"),
+    "export": ("llmtrain.checkpointing.hf", "export_main"),
 }
 LIGHTNING_COMMANDS = ("fit", "validate", "test")
 

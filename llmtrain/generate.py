@@ -47,7 +47,7 @@ def _tokenizer_dir(checkpoint: dict, explicit: Optional[str]) -> str:
 
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="llmtrain generate", description=__doc__)
-    parser.add_argument("--ckpt", required=True, help="a Lightning .ckpt file (or `llmtrain convert` output)")
+    parser.add_argument("--ckpt", required=True, help="a checkpoint: .ckpt file, ZeRO or universal folder")
     parser.add_argument("--prompt", default="", help="text to continue")
     parser.add_argument("--tokenizer", default=None, help="tokenizer folder; default: the one the run used")
     parser.add_argument("--max_new_tokens", type=int, default=200)
@@ -55,13 +55,13 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--top_k", type=int, default=50, help="0 = no top-k filter")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    if not Path(args.ckpt).is_file():
-        parser.error(f"--ckpt {args.ckpt}: no such file")
+    if not Path(args.ckpt).exists():
+        parser.error(f"--ckpt {args.ckpt}: no such file or folder")
     if args.max_new_tokens < 1 or args.top_k < 0:
         parser.error("--max_new_tokens must be >= 1 and --top_k >= 0")
 
     from llmtrain.data.tokenizer import load_tokenizer
-    from llmtrain.training.module import load_decoder
+    from llmtrain.checkpointing.readers import load_decoder
 
     model, checkpoint = load_decoder(args.ckpt)
     tokenizer = load_tokenizer(_tokenizer_dir(checkpoint, args.tokenizer))

@@ -15,10 +15,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from llmtrain.checkpoint import (CheckpointError, convert_checkpoint, convert_main, export_hf, export_main,
-                                 llama_incompatibilities, zero_world_size)
+from llmtrain.checkpointing.convert import convert_checkpoint, convert_main
+from llmtrain.checkpointing.hf import export_hf, export_main, llama_incompatibilities
+from llmtrain.checkpointing.readers import CheckpointError, load_decoder, zero_world_size
 from llmtrain.model import Decoder, ModelConfig
-from llmtrain.training.module import LanguageModel, load_decoder
+from llmtrain.training.module import LanguageModel
 from llmtrain.training.strategy import check_world_size
 from tests.conftest import run_deepspeed_ranks, write_corpus
 

@@ -30,13 +30,12 @@ import torch
 from lightning.pytorch.strategies import DeepSpeedStrategy
 from torch import Tensor, nn
 
+from llmtrain.checkpointing.readers import unwrapped_name
 from llmtrain.model.attention import Attention, allowed_mask
 from llmtrain.training.loss import IGNORE_INDEX
 from llmtrain.training.step_log import log_step, log_values
 
 PREFIX = "stability"
-# Module-wrapper prefixes that appear in parameter names (activation checkpointing, torch.compile of a module).
-WRAPPER_PREFIXES = ("_checkpoint_wrapped_module.", "_orig_mod.")
 
 
 # ---------------------------------------------------------------------------------------------- shared helpers
@@ -46,17 +45,9 @@ def is_deepspeed(trainer: pl.Trainer) -> bool:
     return isinstance(trainer.strategy, DeepSpeedStrategy)
 
 
-def clean_name(name: str) -> str:
-    """The decoder's own parameter name: wrapper prefixes removed (blocks.0._checkpoint_wrapped_module.attn.x
-    -> blocks.0.attn.x)."""
-    for prefix in WRAPPER_PREFIXES:
-        name = name.replace(prefix, "")
-    return name
-
-
 def decoder_parameters(pl_module: pl.LightningModule) -> list[tuple[str, nn.Parameter]]:
     """(clean name, parameter) of the decoder, each tensor once (a tied head shares tok_embeddings.weight)."""
-    return [(clean_name(name), p) for name, p in pl_module.model.named_parameters() if p.requires_grad]
+    return [(unwrapped_name(name), p) for name, p in pl_module.model.named_parameters() if p.requires_grad]
 
 
 def first_micro_batch(trainer: pl.Trainer, batch_idx: int) -> bool:

@@ -305,14 +305,3 @@ def check_compatible(saved: dict[str, Any], current: ModelConfig) -> None:
                   for name in SHAPE_FIELDS if getattr(saved_config, name) != getattr(current, name)]
     if mismatches:
         raise ConfigError("checkpoint does not match the model config (" + "; ".join(mismatches) + ")")
-
-
-def load_decoder(path: str, map_location: Union[str, torch.device] = "cpu") -> tuple[Decoder, dict[str, Any]]:
-    """A Decoder with the weights of a Lightning checkpoint file (weights_only load), and the checkpoint dict."""
-    checkpoint = torch.load(path, map_location=map_location, weights_only=True)
-    config = ModelConfig(**checkpoint["hyper_parameters"]["config"])
-    model = Decoder(config)
-    state = {k.removeprefix("model."): v for k, v in checkpoint["state_dict"].items()}
-    state = {k.replace("_checkpoint_wrapped_module.", "").replace("_orig_mod.", ""): v for k, v in state.items()}
-    model.load_state_dict(state)
-    return model, checkpoint

@@ -18,8 +18,8 @@ import torch
 from lightning.pytorch.strategies import DeepSpeedStrategy
 from lightning.pytorch.utilities import rank_zero_warn
 
-from llmtrain.checkpoint import (UNIVERSAL_LATEST, ZERO3_RANK0_MODEL_STATES, convert_to_universal, is_universal,
-                                 zero_world_size)
+from llmtrain.checkpointing.convert import convert_to_universal
+from llmtrain.checkpointing.readers import UNIVERSAL_LATEST, ZERO3_RANK0_MODEL_STATES, is_universal, zero_world_size
 
 ZERO_STAGES = (1, 2, 3)
 

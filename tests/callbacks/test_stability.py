@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from llmtrain.callbacks import AttentionMonitor, LogitMonitor, WeightMonitor
-from llmtrain.callbacks.stability import clean_name
+from llmtrain.checkpointing.readers import unwrapped_name
 from llmtrain.training.loss import cross_entropy_and_z
 from llmtrain.training.module import LanguageModel
 from llmtrain.training.optim import OptimConfig
@@ -216,8 +216,8 @@ def test_monitors_run_compiled_blocks_eagerly_with_the_same_values():
             assert runs["blocks"][tag][step] == pytest.approx(value, rel=1e-4, abs=1e-6), tag
 
 
-def test_clean_name_strips_wrapper_prefixes():
-    assert clean_name("blocks.3._checkpoint_wrapped_module._orig_mod.attn.q_proj.weight") == \
+def test_unwrapped_name_strips_wrapper_prefixes():
+    assert unwrapped_name("blocks.3._checkpoint_wrapped_module._orig_mod.attn.q_proj.weight") == \
         "blocks.3.attn.q_proj.weight"
 
 
