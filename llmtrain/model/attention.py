@@ -40,7 +40,6 @@ from torch import Tensor, nn
 from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
 from llmtrain.model.config import ModelConfig
-from llmtrain.model.norms import RMSNorm
 from llmtrain.model.position import AttentionKernel, PositionContext, alibi_bias
 
 
@@ -206,8 +205,8 @@ class Attention(nn.Module):
         self.out_proj = nn.Linear(self.n_head * self.head_dim, d, bias=config.bias)  # scaled init (Decoder)
         # qk-norm: one RMSNorm over head_dim for q and one for k, shared by the heads, before RoPE; it bounds
         # the logits that otherwise grow until softmax saturates (Dehghani et al. 2023, Wortsman et al. 2023).
-        self.q_norm = RMSNorm(self.head_dim, config.norm_eps) if config.qk_norm else nn.Identity()
-        self.k_norm = RMSNorm(self.head_dim, config.norm_eps) if config.qk_norm else nn.Identity()
+        self.q_norm = nn.RMSNorm(self.head_dim, eps=config.norm_eps) if config.qk_norm else nn.Identity()
+        self.k_norm = nn.RMSNorm(self.head_dim, eps=config.norm_eps) if config.qk_norm else nn.Identity()
 
     def project(self, x: Tensor, positions: PositionContext) -> tuple[Tensor, Tensor, Tensor]:
         """x (B, T, d_model) -> q, k, v (B, n_head, T, head_dim), after qk-norm, RoPE and the GQA repeat."""

@@ -1,69 +1,26 @@
-"""Normalization layers, picked by `ModelConfig.norm` through the NORMS table.
-
-Both keep the dtype of their input: under DeepSpeed bf16 the model runs in pure bf16 without autocast, and a
-norm that returned fp32 would promote everything after it.
-"""
+"""Normalization layers, picked by `ModelConfig.norm` through the NORMS table: torch's own `nn.RMSNorm` and
+`nn.LayerNorm` (fused kernels; both return the input dtype, which matters under DeepSpeed bf16, where the model runs
+in pure bf16 without autocast and a norm that returned fp32 would promote everything after it)."""
 
 from __future__ import annotations
 
-import torch
-import torch.nn.functional as F
-from torch import Tensor, nn
+from typing import Callable
+
+from torch import nn
 
 from llmtrain.model.config import ModelConfig
 
+Norm = nn.RMSNorm | nn.LayerNorm
 
-class RMSNorm(nn.Module):
-    """x / rms(x) * weight (Zhang & Sennrich 2019): no mean subtraction and, by definition, no bias."""
-
-    def __init__(self, dim: int, eps: float = 1e-5) -> None:
-        super().__init__()
-        self.dim, self.eps = dim, eps
-        self.weight = nn.Parameter(torch.ones(dim))
-
-    @classmethod
-    def from_config(cls, config: ModelConfig, dim: int) -> RMSNorm:
-        return cls(dim, config.norm_eps)
-
-    def reset_parameters(self) -> None:
-        nn.init.ones_(self.weight)
-
-    def forward(self, x: Tensor) -> Tensor:  # (..., dim) -> (..., dim), same dtype
-        # The fused op accumulates in fp32 internally and returns the input dtype.
-        return F.rms_norm(x, (self.dim,), self.weight, self.eps)
-
-    def extra_repr(self) -> str:
-        return f"{self.dim}, eps={self.eps}"
+# RMSNorm (Zhang & Sennrich 2019): x / rms(x) * weight, no mean subtraction and, by definition, no bias.
+# LayerNorm (Ba et al. 2016): (x - mean) / std * weight + bias, the bias there iff config.bias.
+NORMS: dict[str, Callable[[ModelConfig, int], Norm]] = {
+    "rmsnorm": lambda config, dim: nn.RMSNorm(dim, eps=config.norm_eps),
+    "layernorm": lambda config, dim: nn.LayerNorm(dim, eps=config.norm_eps, bias=config.bias),
+}
+NORM_TYPES = (nn.RMSNorm, nn.LayerNorm)
 
 
-class LayerNorm(nn.Module):
-    """(x - mean) / std * weight + bias (Ba et al. 2016); the bias is there iff `bias` (config.bias)."""
-
-    def __init__(self, dim: int, eps: float = 1e-5, bias: bool = True) -> None:
-        super().__init__()
-        self.dim, self.eps = dim, eps
-        self.weight = nn.Parameter(torch.ones(dim))
-        self.bias = nn.Parameter(torch.zeros(dim)) if bias else None
-
-    @classmethod
-    def from_config(cls, config: ModelConfig, dim: int) -> LayerNorm:
-        return cls(dim, config.norm_eps, bias=config.bias)
-
-    def reset_parameters(self) -> None:
-        nn.init.ones_(self.weight)
-        if self.bias is not None:
-            nn.init.zeros_(self.bias)
-
-    def forward(self, x: Tensor) -> Tensor:  # (..., dim) -> (..., dim), same dtype
-        return F.layer_norm(x, (self.dim,), self.weight, self.bias, self.eps)
-
-    def extra_repr(self) -> str:
-        return f"{self.dim}, eps={self.eps}, bias={self.bias is not None}"
-
-
-NORMS: dict[str, type[RMSNorm] | type[LayerNorm]] = {"rmsnorm": RMSNorm, "layernorm": LayerNorm}
-
-
-def build_norm(config: ModelConfig, dim: int) -> RMSNorm | LayerNorm:
+def build_norm(config: ModelConfig, dim: int) -> Norm:
     """The norm named by `config.norm` over the last `dim` features (eps and bias from the config)."""
-    return NORMS[config.norm].from_config(config, dim)
+    return NORMS[config.norm](config, dim)

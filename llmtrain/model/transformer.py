@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from llmtrain.model.attention import Attention, build_attention_kernel, soft_cap
 from llmtrain.model.config import ModelConfig
 from llmtrain.model.ffn import build_ffn
-from llmtrain.model.norms import NORMS, build_norm
+from llmtrain.model.norms import NORM_TYPES, build_norm
 from llmtrain.model.position import PositionContext, PositionEncoding, build_position
 
 Sublayer = Callable[[Tensor], Tensor]
@@ -100,7 +100,7 @@ class Decoder(nn.Module):
             if isinstance(module, (nn.Linear, nn.Embedding)):
                 with gather(list(module.parameters())):
                     _init_normal(module, out_std if id(module) in residual_outputs else std)
-            elif isinstance(module, (*NORMS.values(), PositionEncoding)):
+            elif isinstance(module, (*NORM_TYPES, PositionEncoding)):
                 with gather(list(module.parameters())):
                     module.reset_parameters()
 
