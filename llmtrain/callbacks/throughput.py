@@ -11,6 +11,8 @@ from lightning.pytorch.utilities import rank_zero_warn
 
 # Dense bf16 datasheet peaks (TFLOP/s, no sparsity), matched against torch.cuda.get_device_name() in this order
 # (the first key the name contains wins: the PCIe and NVL H100s before the SXM one, "L40S" before "L4").
+# Not Lightning's get_available_flops: in lightning 2.6 it gives the H100 NVL and H200 their 2:4-sparsity
+# figures (~2x the dense peak) and returns None for the name "NVIDIA H200".
 PEAK_BF16_TFLOPS = {"H200": 989.0, "H100 PCIe": 756.0, "H100 NVL": 835.0, "H100": 989.0, "A100": 312.0,
                     "L40S": 362.0, "A10G": 125.0, "L4": 121.0}
 

@@ -11,6 +11,7 @@ import lightning.pytorch as pl
 import torch
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 
+from llmtrain.compat import should_accumulate
 from llmtrain.model import ConfigError, Decoder, ModelConfig
 from llmtrain.training.loss import cross_entropy_and_z
 from llmtrain.training.optim import OptimConfig, build_optimizer, lr_lambda
@@ -165,7 +166,7 @@ class LanguageModel(pl.LightningModule):
         """Lightning's rule for writing a step's values (LoggerConnector.should_update_logs): every
         log_every_n_steps-th optimizer step, and the step training stops at; on the step's last micro-batch."""
         trainer = self.trainer
-        if trainer.fit_loop._should_accumulate() or not trainer.log_every_n_steps:
+        if should_accumulate(trainer) or not trainer.log_every_n_steps:
             return False
         step = log_step(trainer) + 1  # the optimizer step this batch completes
         return step % trainer.log_every_n_steps == 0 or trainer.should_stop or bool(trainer.fast_dev_run)
@@ -218,7 +219,7 @@ class LanguageModel(pl.LightningModule):
         if self._logging_step():  # the module's hook runs after the callbacks', as Lightning's own logging does
             means = {tag: total / self._micro_batches for tag, total in self._step_sums.items()}
             log_values(self.trainer, {**means, **self._step_values}, log_step(self.trainer), host=self._step_host)
-        if not self.trainer.fit_loop._should_accumulate():
+        if not should_accumulate(self.trainer):
             self._step_values, self._step_sums, self._micro_batches = {}, {}, 0
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
