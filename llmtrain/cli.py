@@ -37,6 +37,8 @@ class LLMTrainCLI(LightningCLI):
             self._refuse_overwriting_a_run()
         if fit_args.get("ckpt_path") is not None:
             self._refuse_a_checkpoint_of_another_strategy(Path(fit_args["ckpt_path"]))
+        # Our checkpoints hold only tensors and plain data: never unpickle anything else, whatever torch's default.
+        fit_args["weights_only"] = True
         # The resolved YAML travels inside every checkpoint (config.yaml beside the logs is written by Lightning).
         self.model.run_config = self._parser(self.subcommand).dump(self.config[self.subcommand], skip_none=False)
 

@@ -373,7 +373,7 @@ class SpikeDetector(pl.Callback):
 def restore_checkpoint(trainer: pl.Trainer, path: str) -> int:
     """Loads model, optimizer, LR schedulers and global step of a checkpoint into the running fit; returns its
     global step. Lightning's logging step and the data stream are left to run on (see the module docstring)."""
-    checkpoint = trainer.strategy.load_checkpoint(path)  # DeepSpeed: loads its engine (model + optimizer) here
+    checkpoint = trainer.strategy.load_checkpoint(path, weights_only=True)  # DeepSpeed: loads its engine here
     trainer.strategy.load_model_state_dict(checkpoint, strict=True)
     trainer.strategy.load_optimizer_state_dict(checkpoint)
     for config, state in zip(trainer.lr_scheduler_configs, checkpoint["lr_schedulers"]):

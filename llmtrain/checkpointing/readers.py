@@ -123,7 +123,7 @@ def _deepspeed_checkpoint(client_state: dict[str, Any], state_dict: dict[str, Te
 def _read_universal_folder(folder: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     """The fp32 weights of a universal checkpoint: one whole (flattened) tensor per parameter in
     `<tag>/zero/<name>/fp32.pt`, shaped by rank 0's `param_shapes`; Lightning's entries from that same file."""
-    tag_dir = folder / (folder / UNIVERSAL_LATEST).read_text().strip()
+    tag_dir = tag_folder(folder, UNIVERSAL_LATEST)
     rank0 = next((tag_dir / name for name in RANK0_MODEL_STATES if (tag_dir / name).is_file()), None)
     if rank0 is None:
         raise CheckpointError(f"{folder}: a universal checkpoint without a rank-0 model states file "
@@ -201,11 +201,41 @@ def _zero_tag_dir(folder: Path) -> Path:
         hint = (" (this looks like the tag folder inside one: pass its parent)"
                 if any(folder.glob("*_model_states.pt")) else "")
         raise CheckpointError(f"{folder}: a folder, but not a DeepSpeed checkpoint: no 'latest' file{hint}")
-    tag_dir = folder / latest.read_text().strip()
-    if not tag_dir.is_dir() or not any(tag_dir.glob("*_model_states.pt")):
+    tag_dir = tag_folder(folder, "latest")
+    if not any(tag_dir.glob("*_model_states.pt")):
         raise CheckpointError(f"{folder}: 'latest' names {tag_dir.name!r}, but {tag_dir} holds no "
                               "*_model_states.pt")
     return tag_dir
+
+
+def tag_folder(folder: Path, tag_file: str) -> Path:
+    """The tag folder that `folder/tag_file` names, refused unless the name is a plain child folder.
+
+    DeepSpeed joins the tag to the checkpoint folder itself and unpickles what it finds with weights_only=False, and
+    its zero_to_fp32 takes the tag's last part only: a tag like `decoy/checkpoint`, `..` or a link out of the folder
+    would make what DeepSpeed loads differ from what our weights_only check read. A plain name is one folder for
+    everyone."""
+    tag = (folder / tag_file).read_text().strip()
+    tag_dir = folder / tag
+    if not tag or tag in (".", "..") or any(sep in tag for sep in ("/", "\\", os.sep)) or Path(tag).is_absolute():
+        raise CheckpointError(f"{folder / tag_file}: names {tag!r}, which is not a plain folder name inside "
+                              f"{folder}; refused (DeepSpeed would load files from elsewhere than were checked)")
+    if tag_dir.is_symlink() or not tag_dir.is_dir():
+        what = "a link" if tag_dir.is_symlink() else "no folder"
+        raise CheckpointError(f"{folder / tag_file}: names {tag!r}, but {tag_dir} is {what}; a checkpoint's tag "
+                              "must be a real folder inside it")
+    return tag_dir
+
+
+def verify_deepspeed_folder(folder: Path, rank: int = 0, world_size: int = 1) -> None:
+    """Proves, before DeepSpeed's engine unpickles a ZeRO or universal checkpoint folder with weights_only=False,
+    that every .pt file under the tag folder it will read holds only tensors, containers and DeepSpeed's plain-data
+    classes (mmap: the tensors' bytes are not read). With `world_size` > 1 this rank checks every world_size-th file
+    from `rank` on: together the ranks check each file once."""
+    universal = is_universal(folder) and not (folder / "latest").is_file()
+    tag_dir = tag_folder(folder, UNIVERSAL_LATEST) if universal else _zero_tag_dir(folder)
+    for file in sorted(tag_dir.rglob("*.pt"))[rank::world_size]:
+        _load_checked(file)
 
 
 def _deepspeed_safe_globals() -> list[type]:

@@ -19,7 +19,8 @@ from lightning.pytorch.strategies import DeepSpeedStrategy
 from lightning.pytorch.utilities import rank_zero_warn
 
 from llmtrain.checkpointing.convert import convert_to_universal
-from llmtrain.checkpointing.readers import UNIVERSAL_LATEST, ZERO3_RANK0_MODEL_STATES, is_universal, zero_world_size
+from llmtrain.checkpointing.readers import (UNIVERSAL_LATEST, ZERO3_RANK0_MODEL_STATES, CheckpointError, is_universal,
+                                            verify_deepspeed_folder, zero_world_size)
 
 ZERO_STAGES = (1, 2, 3)
 
@@ -127,6 +128,7 @@ class ZeroStrategy(DeepSpeedStrategy):
         universal = is_universal(folder)
         if not universal:
             check_world_size(folder, self.world_size)
+        self._verify(folder)
         # DeepSpeed reads its config at load time to choose between `latest` with per-rank shards and a universal
         # checkpoint's `latest_universal` with per-parameter state; the engine exists by now, so it is set there.
         self.deepspeed_engine._config.load_universal_checkpoint = universal
@@ -137,6 +139,18 @@ class ZeroStrategy(DeepSpeedStrategy):
         if universal:
             place_adam_steps(getattr(self.deepspeed_engine.optimizer, "optimizer", None))
         return checkpoint
+
+    def _verify(self, folder: Path) -> None:
+        """Every file DeepSpeed's engine will unpickle (with weights_only=False) is first loaded weights_only, the
+        files split over the ranks; a refusal on any rank stops every rank before DeepSpeed reads anything."""
+        error = None
+        try:
+            verify_deepspeed_folder(folder, self.global_rank, self.world_size)
+        except CheckpointError as exc:
+            error = exc
+        if not self.reduce_boolean_decision(error is None, all=True):
+            raise error or CheckpointError(f"{folder}: another rank refused a file of this checkpoint (its error "
+                                           "names it); nothing was loaded")
 
     def _universal_copy(self, folder: Path) -> Path:
         """Rank 0 converts `folder` to a universal checkpoint beside it (or finds the one made before), the other

@@ -46,6 +46,7 @@ strategy = ZeroStrategy(stage=stage, reshard_on_resume=reshard)
 strategy.cluster_environment = LightningEnvironment()  # the rank and world size, as Lightning sets them up
 strategy.cluster_environment.set_global_rank(int(os.environ["RANK"]))
 strategy.cluster_environment.set_world_size(int(os.environ["WORLD_SIZE"]))
+strategy.parallel_devices = [torch.device("cpu")] * int(os.environ["WORLD_SIZE"])
 strategy.model, strategy._lightning_module = engine, module
 module._trainer = SimpleNamespace(state=SimpleNamespace(fn=TrainerFn.FITTING))
 try:
