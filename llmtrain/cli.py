@@ -11,6 +11,8 @@ from typing import Callable, Optional
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.strategies import DeepSpeedStrategy
 
+from llmtrain.checkpointing.resume import newest_checkpoint, refuse_checkpoint_of_another_strategy
+
 # Tool commands: name -> (module, function taking argv[1:] and returning an exit code). Imported lazily so
 # that `llmtrain fit` does not pay for them.
 TOOL_COMMANDS: dict[str, tuple[str, str]] = {
@@ -48,36 +50,15 @@ class LLMTrainCLI(LightningCLI):
                 for cb in self.trainer.checkpoint_callbacks]
 
     def _newest_checkpoint(self) -> Optional[str]:
-        """`last` made robust: the target of last.ckpt, else the newest step checkpoint, else a fresh start.
-
-        Lightning alone would start from scratch with only a warning when last.ckpt is missing (a kill between
-        removing the old link and making the new one); a requeued job must never silently restart.
-        """
-        candidates = []
-        for folder in self._checkpoint_dirs():
-            last = folder / "last.ckpt"
-            if last.exists():
-                return str(last)
-            candidates += sorted(folder.glob("step*.ckpt"))
-        if candidates:
-            return str(candidates[-1])
-        print(f"--ckpt_path last: no checkpoint under {', '.join(map(str, self._checkpoint_dirs()))}; "
-              "starting a fresh run", file=sys.stderr)
-        return None
+        newest = newest_checkpoint(self._checkpoint_dirs())
+        if newest is None:
+            print(f"--ckpt_path last: no checkpoint under {', '.join(map(str, self._checkpoint_dirs()))}; "
+                  "starting a fresh run", file=sys.stderr)
+        return None if newest is None else str(newest)
 
     def _refuse_a_checkpoint_of_another_strategy(self, path: Path) -> None:
-        """A ZeRO folder resumes only under ZeroStrategy, a single file only without DeepSpeed: say so before the
-        run starts, not as Lightning's IsADirectoryError or "not a valid DeepSpeed checkpoint" after setup."""
-        zero_run = isinstance(self.trainer.strategy, DeepSpeedStrategy)
-        if path.is_dir() and not zero_run:
-            raise SystemExit(
-                f"error: --ckpt_path {path} is a DeepSpeed ZeRO checkpoint folder, but this run's strategy is "
-                f"{type(self.trainer.strategy).__name__}: resume it under the ZeRO config that wrote it (--config "
-                f"configs/deepspeed/zero<stage>.yaml), or take its weights with `llmtrain convert {path} model.ckpt`")
-        if path.is_file() and zero_run:
-            raise SystemExit(
-                f"error: --ckpt_path {path} is a single-file checkpoint (DDP or one device), but this run uses "
-                "DeepSpeed ZeRO, which resumes only its own checkpoint folders: resume it without the ZeRO config")
+        refuse_checkpoint_of_another_strategy(path, isinstance(self.trainer.strategy, DeepSpeedStrategy),
+                                              type(self.trainer.strategy).__name__)
 
     def _refuse_overwriting_a_run(self) -> None:
         """A fresh run into a folder that holds checkpoints would mix two runs: ask for resume or a new name."""

@@ -6,11 +6,13 @@ ranks) and global gradient norm (before clipping) against exponential moving sta
     z = (x - mean) / max(std, min_rel_std · |mean|),     score = max(z_loss, z_grad_norm)
 
 A step is a spike when score > threshold after `warmup_steps` steps, and always when the loss or the norm is
-NaN/inf. Each value enters the statistics clipped at mean + threshold · std, so one spike barely moves them while
+NaN/inf. A non-finite step never updates the weights, whatever the action (it would make every later step, and every
+checkpoint, NaN), and more than `max_nonfinite_steps` of them in a row stop the run (TrainingDiverged). Each value enters the statistics clipped at mean + threshold · std, so one spike barely moves them while
 a lasting change of level is absorbed within a few steps; a NaN never enters.
 
 Actions (`action`):
-  log        record the spike (stability/spike/events = 1 at its step, and a warning) and train on.
+  log        record the spike (stability/spike/events = 1 at its step, and a warning) and train on; a non-finite
+             step is skipped as under skip_step.
   skip_step  as log, and the optimizer step of that batch does not happen: no moment update, no weight decay,
              no Adam step count (the LR schedule and the step counter still advance).
   rollback   as skip_step, then restore model, optimizer, LR schedule and global step from the newest
@@ -153,6 +155,7 @@ class SpikeDetector(pl.Callback):
         use_grad_norm: bool = True,
         max_rollbacks: int = 3,
         max_consecutive_spikes: int = 20,
+        max_nonfinite_steps: int = 3,
     ) -> None:
         """
         Args:
@@ -164,6 +167,8 @@ class SpikeDetector(pl.Callback):
             use_grad_norm: score the global gradient norm besides the loss.
             max_rollbacks: rollbacks allowed in the run; the next spike after them stops it.
             max_consecutive_spikes: skip_step stops the run when more than this many steps in a row are spikes.
+            max_nonfinite_steps: every action stops the run when more than this many steps in a row have a NaN/inf
+                loss or gradient norm (each of them skipped): the run is not recovering by itself.
         """
         if action not in ACTIONS:
             raise ValueError(f"SpikeDetector: action={action!r} is invalid: choose one of {', '.join(ACTIONS)}")
@@ -171,16 +176,19 @@ class SpikeDetector(pl.Callback):
             raise ValueError(f"SpikeDetector: need threshold > 0 (got {threshold}), 0 < ema_beta < 1 (got {ema_beta}) "
                              f"and min_rel_std >= 0 (got {min_rel_std})")
         for name, value in (("warmup_steps", warmup_steps), ("max_rollbacks", max_rollbacks),
-                            ("max_consecutive_spikes", max_consecutive_spikes)):
+                            ("max_consecutive_spikes", max_consecutive_spikes),
+                            ("max_nonfinite_steps", max_nonfinite_steps)):
             if not isinstance(value, int) or value < 0:
                 raise ValueError(f"SpikeDetector: {name}={value!r} is invalid: must be an int >= 0")
         self.action, self.threshold, self.ema_beta, self.warmup_steps = action, threshold, ema_beta, warmup_steps
         self.min_rel_std, self.use_grad_norm = min_rel_std, use_grad_norm
         self.max_rollbacks, self.max_consecutive_spikes = max_rollbacks, max_consecutive_spikes
+        self.max_nonfinite_steps = max_nonfinite_steps
         self.stats: Optional[SpikeStatistics] = None
         self._loaded_stats: Optional[dict[str, Tensor]] = None
         self.rollbacks = 0
         self.consecutive = 0
+        self.nonfinite_in_row = 0
         self.events: list[dict[str, Any]] = []  # this process's spikes: step, loss, grad_norm, score, response
         self._loss: Optional[Tensor] = None  # summed over the micro-batches of the step
         self._deepspeed_loss: Optional[tuple[pl.Trainer, Tensor]] = None
@@ -256,13 +264,16 @@ class SpikeDetector(pl.Callback):
         # Without a gradient norm the second series is a constant 0: it never scores.
         grad_norm = torch.zeros_like(loss) if grad_norm is None else grad_norm.float().to(loss.device)
         score, spike = self._statistics(loss.device).update(torch.stack([loss, grad_norm]))
-        self._flag, self._flag_host = spike, None
+        # What _skip drops: every spike under skip_step/rollback, a non-finite step under any action (score is inf
+        # exactly when the loss or the norm is not finite).
+        self._flag = spike if self.action != "log" else ~torch.isfinite(score)
+        self._flag_host = None
         values = torch.stack([loss, grad_norm, score, spike.float()])
         self._pending.append(_Decision.start(log_step(trainer), trainer.global_step, values))
 
     def _skip(self, trainer: Optional[pl.Trainer], optimizer: torch.optim.Optimizer) -> None:
-        """Makes this step's update a no-op on a spike (actions skip_step and rollback)."""
-        if self.action == "log" or self._flag is None:
+        """Makes this step's update a no-op when the flag of _decide is set."""
+        if self._flag is None:
             return
         scaler = trainer is not None and getattr(trainer.precision_plugin, "scaler", None) is not None
         if getattr(optimizer, "_step_supports_amp_scaling", False) and not scaler:
@@ -301,15 +312,24 @@ class SpikeDetector(pl.Callback):
                 for logger in trainer.loggers:
                     logger.log_metrics(metrics, step=decision.step)
             if not spike:
-                self.consecutive = 0
+                self.consecutive = self.nonfinite_in_row = 0
                 continue
             self.consecutive += 1
+            finite = math.isfinite(score)
+            self.nonfinite_in_row = 0 if finite else self.nonfinite_in_row + 1
+            response = "skip_step" if self.action == "log" and not finite else self.action
             event = {"step": decision.step, "global_step": decision.global_step, "loss": loss,
-                     "grad_norm": grad_norm, "score": score, "response": self.action}
+                     "grad_norm": grad_norm, "score": score, "response": response}
             self.events.append(event)
             what = f"loss={loss:.4g}, grad_norm={grad_norm:.4g}, score={score:.3g} (threshold {self.threshold})"
-            rank_zero_warn(f"SpikeDetector: spike at step {decision.step}: {what}; action: {self.action}")
-            if self.action == "rollback":
+            rank_zero_warn(f"SpikeDetector: spike at step {decision.step}: {what}; action: {response}")
+            if self.nonfinite_in_row > self.max_nonfinite_steps:
+                self._stop = (f"SpikeDetector: {self.nonfinite_in_row} steps in a row with a non-finite loss or "
+                              f"gradient norm (max_nonfinite_steps={self.max_nonfinite_steps}), the last at step "
+                              f"{decision.step}: {what}. None of them updated the weights; the newest checkpoint "
+                              "holds the last finite ones. Lower the learning rate, enable qk_norm / z-loss, or check "
+                              "the data, then resume with --ckpt_path last.")
+            elif self.action == "rollback":
                 self._respond_with_rollback(trainer, decision, event, what)
             elif self.action == "skip_step" and self.consecutive > self.max_consecutive_spikes:
                 self._stop = (f"SpikeDetector: {self.consecutive} spikes in a row (max_consecutive_spikes="
@@ -355,7 +375,8 @@ class SpikeDetector(pl.Callback):
     def state_dict(self) -> dict[str, Any]:
         if self._pending and self._trainer is not None:  # log what is in flight (a sync at checkpoint time only)
             self._process(self._trainer, list(self._pending))
-        state: dict[str, Any] = {"rollbacks": self.rollbacks, "consecutive": self.consecutive}
+        state: dict[str, Any] = {"rollbacks": self.rollbacks, "consecutive": self.consecutive,
+                                 "nonfinite_in_row": self.nonfinite_in_row}
         if self.stats is not None:
             state["stats"] = self.stats.state_dict()
         return state
@@ -363,6 +384,7 @@ class SpikeDetector(pl.Callback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.rollbacks = state_dict.get("rollbacks", 0)
         self.consecutive = state_dict.get("consecutive", 0)
+        self.nonfinite_in_row = state_dict.get("nonfinite_in_row", 0)
         self._loaded_stats = state_dict.get("stats")
         self.stats = None
 

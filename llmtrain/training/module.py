@@ -11,6 +11,7 @@ import lightning.pytorch as pl
 import torch
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 
+from llmtrain.checkpointing.save import refuse_nonfinite_weights
 from llmtrain.compat import should_accumulate
 from llmtrain.model import ConfigError, Decoder, ModelConfig
 from llmtrain.training.loss import cross_entropy_and_z
@@ -254,6 +255,7 @@ class LanguageModel(pl.LightningModule):
             check(self.config.vocab_size)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        refuse_nonfinite_weights(self.trainer, self.model)  # before anything is written, on every rank
         datamodule = getattr(self.trainer, "datamodule", None)
         checkpoint["llmtrain"] = {
             "tokens_seen": self.tokens_seen,

@@ -163,7 +163,7 @@ def test_log_action_only_records():
 def test_skip_step_stops_after_too_many_spikes_in_a_row():
     torch.manual_seed(0)
     model = SpikeModel(tiny_config(), OPTIM, plant={c: math.nan for c in range(4, 40)})
-    detector = SpikeDetector(action="skip_step", warmup_steps=2, max_consecutive_spikes=3)
+    detector = SpikeDetector(action="skip_step", warmup_steps=2, max_consecutive_spikes=3, max_nonfinite_steps=10)
     with pytest.raises(TrainingDiverged, match="4 spikes in a row"):
         fit(model, random_batches(8), [detector], max_steps=20)
 

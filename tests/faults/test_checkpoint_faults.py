@@ -1,16 +1,30 @@
-"""Checkpoint faults: foreign code in a checkpoint folder never runs; (more cases below)."""
+"""Checkpoint faults: foreign code in a checkpoint folder never runs; the final step is saved; a kill during a save
+(TMPDIR on another filesystem) leaves no truncated checkpoint and no orphan; `last` skips what is not whole."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+import tempfile
 from pathlib import Path
 
+import lightning.pytorch as pl
 import pytest
 import torch
+
+from llmtrain.callbacks import PeriodicCheckpoint
+from llmtrain.checkpointing.resume import newest_checkpoint
+from llmtrain.training.module import LanguageModel
+from llmtrain.training.optim import OptimConfig
+from tests.callbacks import fit, random_batches, tiny_config
 
 from llmtrain.checkpointing.convert import convert_checkpoint, convert_to_universal
 from llmtrain.checkpointing.hf import export_hf
 from llmtrain.checkpointing.readers import CheckpointError
 from llmtrain.training.strategy import ZeroStrategy
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 class Payload:
@@ -82,3 +96,91 @@ def test_a_payload_anywhere_in_the_tag_folder_stops_a_resume_before_deepspeed_re
     with pytest.raises(CheckpointError, match="extra_states.pt: refused"):
         zero_strategy().load_checkpoint(str(folder))
     assert not marker.exists()
+
+
+# ------------------------------------------------------------------------------------- what a fit writes, and when
+
+class SaveCounter(pl.Callback):
+    def __init__(self) -> None:
+        self.steps: list[int] = []
+
+    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
+        self.steps.append(trainer.global_step)
+
+
+@pytest.mark.parametrize("max_steps, saved", [(7, [5, 7]), (10, [5, 10])])
+def test_the_step_a_fit_ends_at_is_saved_once(tmp_path: Path, max_steps: int, saved: list[int]) -> None:
+    counter = SaveCounter()
+    checkpoints = PeriodicCheckpoint(dirpath=str(tmp_path), every_n_steps=5, every_minutes=60, keep=3)
+    fit(LanguageModel(tiny_config(), OptimConfig(warmup_steps=1, total_steps=20)), random_batches(12), [checkpoints, counter],
+        max_steps=max_steps)
+    assert counter.steps == saved  # no second write of a step that was just saved
+    assert (tmp_path / "last.ckpt").resolve().name == f"step{max_steps:07d}.ckpt"
+    assert torch.load(tmp_path / "last.ckpt", weights_only=True)["global_step"] == max_steps
+
+
+# A fit whose save at step 4 blocks inside torch.save (an object that sleeps while pickled): the parent kills it
+# with SIGKILL there, the way a node failure or the end of SLURM's grace period would.
+KILLED_SAVE = r"""
+import sys, time
+import torch
+sys.path.insert(0, sys.argv[2])
+import lightning.pytorch as pl
+from llmtrain.callbacks import PeriodicCheckpoint
+from llmtrain.training.module import LanguageModel
+from llmtrain.training.optim import OptimConfig
+from tests.callbacks import fit, random_batches, tiny_config
+
+class Sleeper:
+    def __reduce__(self):
+        print("SAVING", flush=True)
+        time.sleep(600)
+        return int, ()
+
+class BlockTheSaveAtStep4(pl.Callback):
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint):
+        if trainer.global_step == 4:
+            checkpoint["blocker"] = Sleeper()
+
+checkpoints = PeriodicCheckpoint(dirpath=sys.argv[1], every_n_steps=2, keep=3)
+fit(LanguageModel(tiny_config(), OptimConfig(warmup_steps=1, total_steps=20)), random_batches(8), [checkpoints, BlockTheSaveAtStep4()],
+    max_steps=8)
+"""
+
+
+def test_a_kill_during_a_save_with_tmpdir_elsewhere_leaves_nothing_behind(tmp_path: Path) -> None:
+    tmpdir = Path(tempfile.mkdtemp(dir="/dev/shm")) if Path("/dev/shm").is_dir() else None
+    if tmpdir is None or tmpdir.stat().st_dev == tmp_path.stat().st_dev:
+        pytest.skip("no second filesystem (/dev/shm) to put TMPDIR on")
+    folder = tmp_path / "checkpoints"
+    env = {**os.environ, "TMPDIR": str(tmpdir), "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen([sys.executable, "-c", KILLED_SAVE, str(folder), str(REPO)], env=env, cwd=tmp_path,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    output = []
+    try:
+        for line in proc.stdout:
+            output.append(line)
+            if line.startswith("SAVING"):
+                break
+        assert output and output[-1].startswith("SAVING"), "".join(output)[-3000:]
+        proc.kill()  # SIGKILL inside torch.save of step 4
+    finally:
+        proc.wait(timeout=60)
+    assert sorted(p.name for p in tmpdir.iterdir()) == [], "the save left files in TMPDIR"
+    names = sorted(p.name for p in folder.iterdir())
+    assert names == [".tmp.step0000004.ckpt", "last.ckpt", "step0000002.ckpt"]  # no truncated step0000004.ckpt
+    assert newest_checkpoint([folder]) == folder / "last.ckpt"
+    assert (folder / "last.ckpt").resolve().name == "step0000002.ckpt"
+
+
+def test_last_skips_and_names_every_checkpoint_that_is_not_whole(tmp_path: Path, capsys) -> None:
+    fit(LanguageModel(tiny_config(), OptimConfig(warmup_steps=1, total_steps=20)), random_batches(8),
+        [PeriodicCheckpoint(dirpath=str(tmp_path), every_n_steps=2, keep=3)], max_steps=4)
+    (tmp_path / "last.ckpt").unlink()  # killed between removing the old link and making the new one
+    whole = (tmp_path / "step0000004.ckpt").read_bytes()
+    (tmp_path / "step0000006.ckpt").write_bytes(whole[: len(whole) // 2])  # truncated by a kill mid-copy
+    (tmp_path / "step0000008.ckpt").symlink_to(tmp_path / "gone.ckpt")
+    assert newest_checkpoint([tmp_path]) == tmp_path / "step0000004.ckpt"
+    err = capsys.readouterr().err
+    assert "skipping" in err and "step0000006.ckpt: not a whole checkpoint file" in err
+    assert "step0000008.ckpt: a link to" in err

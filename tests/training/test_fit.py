@@ -111,21 +111,18 @@ def test_refuses_fresh_run_over_existing_checkpoints(prepared_corpus, finished_r
 
 
 KILL_DURING_SECOND_SAVE = """
-import os, shutil, signal, sys
-import lightning.fabric.plugins.io.torch_io as torch_plugin
-real_save, real_move, calls = torch_plugin._atomic_save, shutil.move, []
+import os, signal, sys
+real_replace, calls = os.replace, []
 
-def dying_move(src, dst, *args, **kwargs):
-    # The new checkpoint is fully written to its temporary name; die before it is renamed into place.
-    os.kill(os.getpid(), signal.SIGKILL)
+def dying_replace(src, dst, *args, **kwargs):
+    # The second checkpoint is fully written and fsynced under its temporary name; die before it is renamed.
+    if str(dst).endswith(".ckpt"):
+        calls.append(dst)
+        if len(calls) == 2:
+            os.kill(os.getpid(), signal.SIGKILL)
+    return real_replace(src, dst, *args, **kwargs)
 
-def dying_save(checkpoint, filepath):
-    calls.append(filepath)
-    if len(calls) == 2:
-        shutil.move = dying_move
-    real_save(checkpoint, filepath)
-
-torch_plugin._atomic_save = dying_save
+os.replace = dying_replace
 from llmtrain.cli import main
 sys.exit(main(sys.argv[1:]))
 """

@@ -1,0 +1,51 @@
+"""Periodic checkpoints: every N steps and every T minutes, `last` plus the k newest, and always the final step."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import Optional
+
+import lightning.pytorch as pl
+from lightning.fabric.plugins import TorchCheckpointIO
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+from llmtrain.checkpointing.save import AtomicCheckpointIO
+from llmtrain.compat import save_checkpoint_now, set_train_time_interval
+
+
+class PeriodicCheckpoint(ModelCheckpoint):
+    """ModelCheckpoint that saves on either trigger (Lightning allows only one), keeps the `keep` newest, and saves
+    the step a fit ends at, so that generate/export use the model whose validation loss was reported.
+
+    `last.ckpt` is a link to the newest save, so `llmtrain fit --ckpt_path last` resumes from it. Saves are atomic:
+    single files through AtomicCheckpointIO (installed at setup: temp file beside the target, fsync, rename), ZeRO
+    folders through ZeroStrategy's staging folder. The older checkpoints are rotated away only after a new one is
+    whole, and a save of non-finite weights is refused before anything is written (LanguageModel.on_save_checkpoint).
+    """
+
+    def __init__(self, dirpath: Optional[str] = None, every_n_steps: Optional[int] = 1000,
+                 every_minutes: Optional[float] = None, keep: int = 3) -> None:
+        if every_n_steps is None and every_minutes is None:
+            raise ValueError("PeriodicCheckpoint: set every_n_steps, every_minutes or both")
+        if (every_n_steps is not None and every_n_steps < 1) or (every_minutes is not None and every_minutes <= 0):
+            raise ValueError(f"PeriodicCheckpoint: every_n_steps={every_n_steps} must be >= 1 and "
+                             f"every_minutes={every_minutes} > 0")
+        if keep < 1:
+            raise ValueError(f"PeriodicCheckpoint: keep={keep} must be >= 1")
+        super().__init__(dirpath=dirpath, filename="step{step:07d}", auto_insert_metric_name=False,
+                         monitor="step", mode="max", save_top_k=keep, save_last="link",
+                         every_n_train_steps=every_n_steps or 0, save_on_train_epoch_end=False,
+                         # A resumed run must move `last` forward, not write last-v1 beside a stale last.
+                         enable_version_counter=False)
+        # ModelCheckpoint's batch-end logic honours both triggers; only its constructor refuses the pair.
+        set_train_time_interval(self, timedelta(minutes=every_minutes) if every_minutes else None)
+
+    def setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        # Lightning's default writer stages files in $TMPDIR (see AtomicCheckpointIO); a user's own IO is kept.
+        if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:
+            trainer.strategy.checkpoint_io = AtomicCheckpointIO()
+
+    def on_train_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        save_checkpoint_now(self, trainer)  # no second write when the final step was just saved
+        super().on_train_end(trainer, pl_module)

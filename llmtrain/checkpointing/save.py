@@ -1,0 +1,85 @@
+"""What is written into a checkpoint, and how: never non-finite weights; files made whole before they get their name.
+
+Every save of a fit (periodic, preemption, end of fit) goes through Lightning's `trainer.save_checkpoint`, which
+calls LanguageModel.on_save_checkpoint (the finiteness check, before anything is written) and then the strategy's
+CheckpointIO (AtomicCheckpointIO for single files; ZeroStrategy renames whole folders into place).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Optional
+
+import lightning.pytorch as pl
+import torch
+from lightning.fabric.plugins import TorchCheckpointIO
+from torch import nn
+
+
+class NonFiniteWeights(RuntimeError):
+    """A save was refused: the weights hold NaN/inf; the checkpoints already written are untouched."""
+
+
+def refuse_nonfinite_weights(trainer: "pl.Trainer", model: nn.Module) -> None:
+    """Raises NonFiniteWeights, on every rank, when any rank's weights hold a NaN or inf.
+
+    Called at every save, before anything is written: a NaN checkpoint saved as `last` would be what a resume, a
+    rollback and an export all pick, and rotation would then delete the good ones. Under ZeRO-3 a rank holds its
+    partition (`ds_tensor`) of each parameter; the decision is all-reduced so that no rank writes alone.
+    """
+    tensors = [getattr(p, "ds_tensor", p).detach() for p in model.parameters()]
+    tensors = [t for t in tensors if t.numel()]
+    finite = bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all()) if tensors else True
+    if not trainer.strategy.reduce_boolean_decision(finite, all=True):
+        bad = [name for name, p in model.named_parameters()
+               if not torch.isfinite(getattr(p, "ds_tensor", p).detach()).all()][:5]
+        where = f" (this rank: {', '.join(bad)})" if bad else " (on another rank)"
+        raise NonFiniteWeights(
+            f"not saving a checkpoint at step {trainer.global_step}: the weights hold NaN/inf{where}. The newest "
+            "checkpoint already written is the last finite one and was kept. Add SpikeDetector to the callbacks "
+            "(it skips non-finite steps), lower the learning rate, and resume with --ckpt_path last.")
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Writes a checkpoint file under a temporary name beside its target, fsyncs it, renames it into place and fsyncs
+    the folder: a kill at any instant leaves the old file or the new one, whole, and nothing elsewhere.
+
+    Lightning's own writer stages the file through fsspec in $TMPDIR; with TMPDIR on another filesystem (node-local
+    /tmp, shared checkpoint storage) its final move is a copy, which a kill leaves truncated under the real name,
+    with an orphan in $TMPDIR.
+    """
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Optional[Any] = None) -> None:
+        if storage_options is not None:
+            raise TypeError(f"AtomicCheckpointIO takes no storage_options (got {storage_options!r})")
+        write_atomically(Path(path), lambda f: torch.save(checkpoint, f))
+
+    def load_checkpoint(self, path: Any, map_location: Optional[Any] = None,
+                        weights_only: Optional[bool] = None) -> dict[str, Any]:
+        # Our checkpoints hold tensors and plain data only: unpickle nothing else, whatever the caller left unset.
+        return super().load_checkpoint(path, map_location=map_location, weights_only=True)
+
+
+def write_atomically(final: Path, write: Any) -> None:
+    """Calls write(file) on `.tmp.<name>` beside `final`, then fsync, rename onto `final`, fsync of the folder."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    staging = final.with_name(f".tmp.{final.name}")
+    try:
+        with open(staging, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(staging, final)
+    finally:
+        staging.unlink(missing_ok=True)
+    fsync_folder(final.parent)
+
+
+def fsync_folder(folder: Path) -> None:
+    """Makes a rename in `folder` durable (POSIX: the entry lives in the folder)."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
