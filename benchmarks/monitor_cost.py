@@ -75,7 +75,8 @@ def measure(config: dict, steps: int, every: int, runs: Path) -> dict[str, dict[
     module = LanguageModel(model_config, OptimConfig(lr=3e-4, warmup_steps=1, total_steps=steps))
     trainer = pl.Trainer(accelerator="gpu" if cuda else "cpu", devices=1, precision="bf16-mixed" if cuda else "32-true",
                          max_steps=steps, callbacks=list(callbacks.values()),
-                         logger=TensorBoardLogger(runs, name="monitor_cost", default_hp_metric=False), enable_checkpointing=False,
+                         logger=TensorBoardLogger(runs, name="monitor_cost", default_hp_metric=False),
+                         enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False, gradient_clip_val=1.0,
                          log_every_n_steps=10)
     trainer.fit(module, torch.utils.data.DataLoader(batches, batch_size=None))
