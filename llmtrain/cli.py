@@ -18,6 +18,7 @@ from llmtrain.checkpointing.resume import newest_checkpoint, refuse_checkpoint_o
 TOOL_COMMANDS: dict[str, tuple[str, str]] = {
     "tokenizer": ("llmtrain.data.commands", "tokenizer_main"),
     "prepare": ("llmtrain.data.commands", "prepare_main"),
+    "verify": ("llmtrain.data.commands", "verify_main"),
     "generate": ("llmtrain.generate", "main"),
     "report": ("llmtrain.report", "report_main"),
     "sweep": ("llmtrain.sweep", "sweep_main"),

@@ -39,6 +39,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from llmtrain.data.shards import TOKENIZER_DIR, ShardError, ShardFile, open_split, read_metadata
 from llmtrain.data.sources import Source, is_validation_document, parse_source
 from llmtrain.data.tokenizer import Tokenizer, load_tokenizer
+from llmtrain.data.verify import verify_folder
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +47,7 @@ log = logging.getLogger(__name__)
 # (the validation batches) assigns each batch to exactly one worker, so its length is exact.
 warnings.filterwarnings("ignore", message=r"Your `IterableDataset` has `__len__` defined")
 
-STATE_VERSION = 1
+STATE_VERSION = 1  # version 1 states without "tokens_per_step" (older checkpoints) skip the batch check
 VAL_TOKEN_BUDGET = 1 << 20  # on-the-fly mode: validation tokens collected at setup
 SHUFFLE_BUFFER = 64  # on-the-fly mode: windows per stream in the seeded shuffle buffer
 
@@ -429,6 +430,11 @@ class TokenDataModule(L.LightningDataModule):
         pin_memory: pin batches in page-locked memory (only effective when CUDA is available).
         val_fraction: on-the-fly mode: the share of documents held out for validation (prepare's rule).
         txt_sample_by: on-the-fly mode: what a document of a .txt file is: "document", "paragraph" or "line".
+        extensions: on-the-fly mode: more file suffixes read as plain text, one file = one document (["py", "md"]).
+        verify_shards: check every shard's sha256 against metadata.json before training (shards hashed once, then
+            cached while unchanged; see llmtrain/data/verify.py). False skips it: only for data you trust.
+        allow_batch_change: let a resume change the tokens per optimizer step (global batch x seq_len) that the
+            checkpoint trained with; without it such a resume is refused, since it changes the recipe silently.
     """
 
     def __init__(
@@ -448,6 +454,9 @@ class TokenDataModule(L.LightningDataModule):
         pin_memory: bool = True,
         val_fraction: float = 0.005,
         txt_sample_by: str = "document",
+        extensions: Optional[list[str]] = None,
+        verify_shards: bool = True,
+        allow_batch_change: bool = False,
     ) -> None:
         super().__init__()
         if data_dir is None and (source is None or tokenizer is None):
@@ -465,6 +474,7 @@ class TokenDataModule(L.LightningDataModule):
         self.num_workers, self.seed, self.add_bos = num_workers, seed, add_bos
         self.document_masking, self.pin_memory = document_masking, pin_memory
         self.val_fraction, self.txt_sample_by = val_fraction, txt_sample_by
+        self.extensions, self.verify_shards, self.allow_batch_change = extensions, verify_shards, allow_batch_change
         self._position = _Position()
         self._distributed: Optional[tuple[int, int]] = None
         self._global_batch = 0  # B * world of the current train dataloader
@@ -507,9 +517,20 @@ class TokenDataModule(L.LightningDataModule):
         if self._val.docs:
             self._check_enough("val", self._val.n_windows(self.seq_len), world)
 
+    def prepare_data(self) -> None:
+        # Lightning calls this on one process per node, behind a barrier with no timeout: the first (slow) hash
+        # of the shards happens here once, and every rank's setup() then finds them in the cache.
+        if not self.on_the_fly and self.verify_shards:
+            verify_folder(self.data_dir)  # type: ignore[arg-type]
+
     def _setup_shards(self) -> None:
         data_dir = Path(self.data_dir)  # type: ignore[arg-type]
         meta = read_metadata(data_dir)
+        if self.verify_shards:
+            verify_folder(data_dir)
+        else:
+            log.warning("data: verify_shards is off: the shards of %s are not checked against their sha256",
+                        data_dir)
         settings = meta["settings"]
         self._tokenizer_path = str((Path(self.tokenizer) if self.tokenizer else data_dir / TOKENIZER_DIR).resolve())
         self._tok = load_tokenizer(self._tokenizer_path)
@@ -529,7 +550,8 @@ class TokenDataModule(L.LightningDataModule):
         self._tokenizer_path = str(Path(self.tokenizer).resolve())  # type: ignore[arg-type]
         self._tok = load_tokenizer(self._tokenizer_path)
         self._vocab_size = self._tok.vocab_size
-        self._src = parse_source(self.source, self.text_field, self.txt_sample_by)  # type: ignore[arg-type]
+        self._src = parse_source(self.source, self.text_field, self.txt_sample_by,  # type: ignore[arg-type]
+                                 self.extensions)
         tokens: list[int] = []
         offsets, n_bytes = [0], 0
         for i, text in enumerate(self._src.documents()):
@@ -713,7 +735,40 @@ class TokenDataModule(L.LightningDataModule):
             "num_workers": self.num_workers,
             "add_bos": self.add_bos,
             "train_windows": self._train_windows() if self._ready else None,
+            "global_batch_size": self._global_batch_sequences(),
+            "tokens_per_step": self._global_batch_sequences() * self.seq_len,
         }
+
+    def _global_batch_sequences(self) -> int:
+        """Sequences per optimizer step over all ranks: micro_batch_size x world_size x accumulation."""
+        _, world = self._rank_world()
+        if self.trainer is not None:
+            accumulation = self.trainer.accumulate_grad_batches
+        else:
+            accumulation = self.accumulation() if self.global_batch_size is not None else 1
+        return self.micro_batch_size * world * accumulation
+
+    def _check_tokens_per_step(self, state: dict[str, Any]) -> None:
+        """Refuse a resume that changes the tokens per optimizer step: the learning rate and schedule were set
+        for the checkpoint's batch, and a new one (another micro batch or GPU count without global_batch_size)
+        changes the recipe with no other sign."""
+        old = state.get("tokens_per_step")
+        now = self._global_batch_sequences() * self.seq_len
+        if old is None or old == now:
+            return
+        old_batch, old_len = state["global_batch_size"], state["seq_len"]
+        _, world = self._rank_world()
+        what = (f"the checkpoint trained with {old} tokens per optimizer step (global batch {old_batch} sequences x "
+                f"seq_len {old_len}), this run would take {now} (global batch {now // self.seq_len} = micro_batch_size "
+                f"{self.micro_batch_size} x world_size {world} x accumulation "
+                f"{now // self.seq_len // (self.micro_batch_size * world)}, x seq_len {self.seq_len})")
+        if self.allow_batch_change:
+            log.warning("data: %s; continuing, as data.allow_batch_change is set", what)
+            return
+        keep = (f"--data.global_batch_size {old // self.seq_len}" if old % self.seq_len == 0
+                else f"--data.seq_len {old_len} --data.global_batch_size {old_batch}")
+        raise ValueError(f"data: resume refused: {what}. Keep the recipe with {keep}, or change it knowingly with "
+                         "--data.allow_batch_change true")
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if state_dict.get("version") != STATE_VERSION:
@@ -724,6 +779,7 @@ class TokenDataModule(L.LightningDataModule):
         changed = [k for k in ("seed", "seq_len", "add_bos") if state_dict[k] != getattr(self, k)]
         if self._ready and state_dict["train_windows"] not in (None, self._train_windows()):
             changed.append("train_windows (the data)")
+        self._check_tokens_per_step(state_dict)
         if changed and not self.on_the_fly:
             log.warning("data: %s changed since the checkpoint: training continues at sample %d of a different "
                         "order", ", ".join(changed), state_dict["consumed_samples"])

@@ -35,7 +35,7 @@ from typing import Any, Callable, Iterator, Optional, Sequence
 
 import numpy as np
 
-from llmtrain.data.sources import Source, SourceStats, validation_mask
+from llmtrain.data.sources import Source, SourceStats, check_utf8, is_validation_document, validation_mask
 from llmtrain.data.tokenizer import (
     META_FILE,
     MODEL_FILE,
@@ -343,6 +343,47 @@ def _chunks(batches: Iterator[list[str]]) -> Iterator[tuple[int, list[str]]]:
         yield first, chunk
 
 
+def _first_train_document(val_fraction: float) -> int:
+    """The index of the first document that goes to the train split (document 0 is always validation)."""
+    i = 0
+    while is_validation_document(i, val_fraction):
+        i += 1
+    return i
+
+
+def _empty_train_error(source: Source, documents: int, val_fraction: float) -> PrepareError:
+    return PrepareError(
+        f"source {source.spec!r}: the train split would be empty: {documents} document(s), and the first "
+        f"{_first_train_document(val_fraction)} all go to the validation split at val_fraction={val_fraction}; "
+        "give more documents (one big .txt file: --txt_sample_by paragraph or line) or a smaller val_fraction")
+
+
+def _one_document_per_file(source: Source) -> bool:
+    return not source.is_hub and all(
+        p.name.endswith(".txt") and source.txt_sample_by == "document" or p.suffix[1:].lower() in source.extensions
+        for p in source.files())
+
+
+def _require_train_documents(source: Source, batches: Iterator[list[str]], val_fraction: float
+                             ) -> Iterator[list[str]]:
+    """`batches` unchanged, but first read ahead (no tokenizing) until a train document is seen, and raise
+    PrepareError if the source ends before: a one-document corpus is refused before any compute is spent."""
+    needed = _first_train_document(val_fraction) + 1
+    if _one_document_per_file(source) and len(source.files()) < needed:  # decided without reading a byte
+        raise _empty_train_error(source, len(source.files()), val_fraction)
+    ahead: list[list[str]] = []
+    seen = 0
+    for batch in batches:
+        ahead.append(batch)
+        seen += len(batch)
+        if seen >= needed:
+            break
+    if seen < needed:
+        raise _empty_train_error(source, seen, val_fraction)
+    yield from ahead
+    yield from batches
+
+
 def _source_fingerprint(source: Source) -> dict[str, Any]:
     if source.is_hub:
         return {"hub": source.spec}
@@ -370,12 +411,17 @@ def prepare(
     num_proc: Optional[int] = None,
     shard_tokens: int = DEFAULT_SHARD_TOKENS,
     progress: bool = True,
+    skip_invalid: bool = False,
 ) -> PrepareReport:
-    """Tokenize `source` into token shards in `output` (see the module docstring); resumes an interrupted run."""
+    """Tokenize `source` into token shards in `output` (see the module docstring); resumes an interrupted run.
+
+    Before tokenizing: every plain-text/JSON-lines file is checked for valid UTF-8 (all bad files named, or
+    left out with skip_invalid), and the source is read ahead until a train document is seen."""
     if not 0 <= val_fraction < 1:
         raise PrepareError(f"val_fraction={val_fraction} is invalid: must be in [0, 1)")
     if shard_tokens < 1:
         raise PrepareError(f"shard_tokens={shard_tokens} is invalid: must be >= 1")
+    source = check_utf8(source, skip_invalid)
     num_proc = max(1, num_proc or os.cpu_count() or 1)
     t0 = time.time()
     tokenizer = load_tokenizer(tokenizer_path)
@@ -454,7 +500,8 @@ def prepare(
             bar.update(n_docs)
             bar.set_postfix(tokens=tokenized, refresh=False)
 
-        for first, texts in _chunks(source.document_batches(stats)):
+        batches = _require_train_documents(source, source.document_batches(stats), val_fraction)
+        for first, texts in _chunks(batches):
             args = (first, texts, dtype, val_fraction, resume_after)
             if pool is not None:
                 pending.append((len(texts), pool.apply_async(_encode_chunk, args)))

@@ -24,7 +24,7 @@ from typing import Any, Iterator, Optional
 
 import sentencepiece as spm
 
-from llmtrain.data.sources import Source, is_validation_document
+from llmtrain.data.sources import Source, SourceError, check_utf8, is_validation_document
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +35,7 @@ UNK_ID, BOS_ID, EOS_ID, PAD_ID = 0, 1, 2, -1
 # Training "sentences" are chunks of whole lines (newlines kept, so pieces such as ".\n\n" are learned).
 CHUNK_CHARS = 1024
 MAX_SENTENCE_BYTES = 8192
+LONG_LINE_CHARS = MAX_SENTENCE_BYTES // 8  # longer lines are cut at whitespace (<= 4 bytes per character)
 HELDOUT_MAX_BYTES = 4 << 20
 
 TRAINER_SETTINGS: dict[str, Any] = {
@@ -175,23 +176,40 @@ def load_tokenizer(path: str | os.PathLike[str]) -> Tokenizer:
     return Tokenizer(model_bytes, meta, str(path))
 
 
+def split_long_line(line: str, limit: int = LONG_LINE_CHARS) -> Iterator[str]:
+    """Pieces of at most `limit` characters, cut after the last whitespace of each piece where there is one.
+
+    One pass over the line (each character is looked at a bounded number of times): re-encoding or copying
+    the rest of the line for every piece would be quadratic in its length (a 50 MB single-line document then
+    takes hours). `limit` characters are at most 4 * limit UTF-8 bytes, under
+    sentencepiece's max_sentence_length, so no piece is dropped by it.
+    """
+    start, n = 0, len(line)
+    while n - start > limit:
+        end = start + limit
+        cut = max(line.rfind(" ", start + limit // 2, end), line.rfind("\n", start + limit // 2, end),
+                  line.rfind("\t", start + limit // 2, end))
+        end = cut + 1 if cut >= 0 else end  # keep the space with the piece before it, as the text had it
+        yield line[start:end]
+        start = end
+    if start < n:
+        yield line[start:]
+
+
 def _training_chunks(texts: Iterator[str]) -> Iterator[str]:
-    """Cut documents into sentencepiece "sentences": runs of whole lines of about CHUNK_CHARS characters."""
+    """Cut documents into sentencepiece "sentences": runs of whole lines of about CHUNK_CHARS characters; a line
+    longer than LONG_LINE_CHARS is cut at whitespace into pieces (split_long_line)."""
     for text in texts:
         buf: list[str] = []
         n = 0
-        for line in text.splitlines(keepends=True):
-            while len(line.encode()) > MAX_SENTENCE_BYTES // 2:  # a huge line: cut it (characters, not bytes)
-                if buf:
+        for whole in text.splitlines(keepends=True):
+            pieces = split_long_line(whole) if len(whole) > LONG_LINE_CHARS else (whole,)
+            for line in pieces:
+                if buf and n + len(line) > CHUNK_CHARS:
                     yield "".join(buf)
                     buf, n = [], 0
-                yield line[: MAX_SENTENCE_BYTES // 8]
-                line = line[MAX_SENTENCE_BYTES // 8:]
-            if buf and n + len(line) > CHUNK_CHARS:
-                yield "".join(buf)
-                buf, n = [], 0
-            buf.append(line)
-            n += len(line)
+                buf.append(line)
+                n += len(line)
         if buf:
             yield "".join(buf)
 
@@ -219,6 +237,7 @@ def train_tokenizer(
     seed: int = 1234,
     heldout_fraction: float = 0.005,
     num_threads: int = 8,
+    skip_invalid: bool = False,
 ) -> TrainReport:
     """Train a BPE model on `source` and save it with metadata into the folder `output`.
 
@@ -228,16 +247,30 @@ def train_tokenizer(
     The model depends on the seed, the input and num_threads (sentencepiece 0.2 gives another model with
     another thread count, measured), so num_threads is a fixed setting, not the machine's core count: the
     same command gives the same model everywhere.
+
+    Every plain-text/JSON-lines file is checked for valid UTF-8 first: all bad files are named in one error
+    (or left out, with skip_invalid) before sentencepiece starts.
     """
     if vocab_size < 260:
         raise TokenizerError(
             f"vocab_size={vocab_size} is invalid: byte_fallback needs 256 byte pieces + 3 specials + merges")
     t0 = time.time()
+    source = check_utf8(source, skip_invalid)
     heldout: list[str] = []
     counts = {"train": 0, "sentences": 0, "heldout_bytes": 0}
+    source_errors: list[SourceError] = []
+
+    def documents() -> Iterator[str]:
+        # sentencepiece turns an exception of this iterator into a RuntimeError holding a traceback fragment;
+        # keep ours, to raise it as it was.
+        try:
+            yield from source.documents()
+        except SourceError as e:
+            source_errors.append(e)
+            raise
 
     def training_texts() -> Iterator[str]:
-        for i, text in enumerate(source.documents()):
+        for i, text in enumerate(documents()):
             if is_validation_document(i, heldout_fraction):
                 if counts["heldout_bytes"] < HELDOUT_MAX_BYTES:
                     heldout.append(text)
@@ -258,6 +291,8 @@ def train_tokenizer(
     try:
         spm.SentencePieceTrainer.train(sentence_iterator=sentences(), model_writer=model, minloglevel=2, **settings)
     except RuntimeError as e:
+        if source_errors:
+            raise source_errors[0] from None
         if counts["train"] == 0:
             raise TokenizerError(
                 f"source {source.spec!r}: no training documents left after holding out "

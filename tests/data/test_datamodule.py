@@ -164,7 +164,10 @@ def test_other_tokenizer_and_damaged_shards_are_refused(tmp_path: Path, shards_d
     data = np.fromfile(damaged / "train_00000.bin", dtype=np.uint16)
     data[:] = 65000  # same size, garbage ids
     data.tofile(damaged / "train_00000.bin")
-    dm = TokenDataModule(data_dir=str(damaged), seq_len=T, micro_batch_size=64, num_workers=0)
+    with pytest.raises(ShardError, match=r"train_00000.bin: sha256 [0-9a-f]{64}, but metadata.json recorded"):
+        TokenDataModule(data_dir=str(damaged), seq_len=T).setup()
+    # the reader's own check of token ids, for a run that skipped the hash check
+    dm = TokenDataModule(data_dir=str(damaged), seq_len=T, micro_batch_size=64, num_workers=0, verify_shards=False)
     with pytest.raises(ShardError, match=r"train_00000.bin: token id 65000 >= vocab size 400"):
         take(dm.train_dataloader(), 3)
     (damaged / "metadata.json").unlink()

@@ -147,7 +147,7 @@ def test_other_settings_or_tokenizer_are_refused(tmp_path: Path, corpus: Path, t
 
 def test_a_single_document_leaves_no_train_split(tmp_path: Path, tokenizer_dir: Path) -> None:
     (tmp_path / "one.txt").write_text("only one document here\n" * 20)
-    with pytest.raises(PrepareError, match="train split is empty.*txt_sample_by paragraph"):
+    with pytest.raises(PrepareError, match="train split would be empty.*txt_sample_by paragraph"):
         prepare(parse_source(str(tmp_path / "one.txt")), tokenizer_dir, tmp_path / "out", progress=False)
     out = tmp_path / "lines"
     prepare(parse_source(str(tmp_path / "one.txt"), txt_sample_by="line"), tokenizer_dir, out, progress=False)
