@@ -223,14 +223,30 @@ class LanguageModel(pl.LightningModule):
         if not should_accumulate(self.trainer):
             self._step_values, self._step_sums, self._micro_batches = {}, {}, 0
 
+    # This validation's (sum of batch loss x batch size, sum of batch sizes) on this rank, for val/ppl.
+    _val_loss_sums: Optional[torch.Tensor] = None
+
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         ce, _ = self._loss_fn(batch)
         self.log("val/loss", ce, sync_dist=True, prog_bar=True)
-        self.log("val/ppl", torch.exp(ce), sync_dist=True)
+        # Weighted by batch size as Lightning weights val/loss, so that val/ppl = exp(val/loss) exactly. Not the mean
+        # of per-batch exp(loss): exp is convex, so that mean is above exp of the mean (Jensen).
+        size = batch["input_ids"].shape[0]
+        sums = torch.stack([ce.detach().float() * size, ce.new_tensor(float(size), dtype=torch.float32)])
+        self._val_loss_sums = sums if self._val_loss_sums is None else self._val_loss_sums + sums
         bytes_per_token = self._bytes_per_token()
         if bytes_per_token is not None:  # bits per byte: comparable across tokenizers
             self.log("val/bpb", ce / math.log(2) / bytes_per_token, sync_dist=True)
         return ce
+
+    def on_validation_epoch_end(self) -> None:
+        """val/ppl = exp(mean val loss over every rank's batches), from the sums validation_step kept."""
+        sums, self._val_loss_sums = self._val_loss_sums, None
+        if sums is None:  # no validation batch ran
+            return
+        total = self.trainer.strategy.reduce(sums, reduce_op="sum")
+        # Every rank holds the same value now; sync_dist only keeps Lightning from asking for it.
+        self.log("val/ppl", torch.exp(total[0] / total[1]), sync_dist=True)
 
     def _bytes_per_token(self) -> Optional[float]:
         datamodule = getattr(self.trainer, "datamodule", None)
