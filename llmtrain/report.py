@@ -2,8 +2,9 @@
 `llmtrain report SWEEP_DIR` (a folder made by `llmtrain sweep`): the sweep report of llmtrain/sweep_report.py.
 
 Plots (one PNG each; several runs are overlaid): loss (spike events marked), output-logit max, attention-logit
-max per layer, global weight RMS, global update ratio, spike score. summary.md has one row per run: final and
-lowest loss, largest attention and output logit, spike count, and whether and where the run diverged.
+max per layer, global weight RMS, global update ratio, spike score (with SpikeDetector's threshold). summary.md has
+one row per run: final train loss (mean of the last TRAIN_LOSS_WINDOW logged values) and lowest train loss, final
+val loss and bpb, largest attention and output logit, spike count, and whether and where the run diverged.
 
 Run-level pieces (`summarize_run`, `diverged_at`, `plot_runs`, `summary_table`) are meant for reuse by reports
 over many runs (sweeps).
@@ -12,12 +13,15 @@ over many runs (sweeps).
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional, Union
+from typing import Any, Callable, Optional, Union
+
+import yaml
 
 from llmtrain.events import read_scalars
 
@@ -25,6 +29,9 @@ Scalars = dict[str, dict[int, float]]
 
 # A run has diverged when its training loss ends NaN/inf or this many nats above its lowest value (diverged_at).
 DIVERGENCE_MARGIN = 1.0
+# "final train loss" is the mean of this many last logged values: one logged step is one noisy batch.
+TRAIN_LOSS_WINDOW = 10
+DEFAULT_SPIKE_THRESHOLD = 6.0  # SpikeDetector's default threshold (tests/callbacks/test_report.py checks it)
 LOSS_TAG, VAL_LOSS_TAG = "train/loss", "val/loss"
 EVENTS_TAG, SCORE_TAG = "stability/spike/events", "stability/spike/score"
 ATTN_MAX = re.compile(r"stability/attn_logit_max/layer_(\d+)$")
@@ -60,6 +67,12 @@ def _last(values: dict[int, float]) -> float:
     return values[max(values)] if values else math.nan
 
 
+def _mean_of_last(values: dict[int, float], n: int) -> float:
+    """Mean of the last `n` logged values (NaN/inf included: a run that ends NaN has a NaN final loss)."""
+    last = [values[s] for s in sorted(values)[-n:]]
+    return sum(last) / len(last) if last else math.nan
+
+
 def _median(values: dict[int, float]) -> float:
     vals = sorted(v for v in values.values() if math.isfinite(v))
     if not vals:
@@ -80,7 +93,8 @@ def summarize_run(run: Union[str, Path, Scalars], margin: float = DIVERGENCE_MAR
     step = diverged_at(loss, margin)
     return {
         "steps": max(loss) + 1 if loss else 0,
-        "final_loss": loss[max(loss)] if loss else math.nan,
+        "final_loss": loss[max(loss)] if loss else math.nan,  # the last logged value
+        "final_train_loss": _mean_of_last(loss, TRAIN_LOSS_WINDOW),
         "min_loss": finite[min_step] if min_step is not None else math.nan,
         "min_loss_step": min_step,
         "final_val_loss": val_values[-1] if val_values else math.nan,
@@ -129,8 +143,30 @@ PLOTS: dict[str, Plot] = {
 }
 
 
-def plot_runs(runs: dict[str, Scalars], out_dir: Union[str, Path]) -> dict[str, Path]:
-    """One PNG per entry of PLOTS that any run has data for; returns {plot name: path}."""
+def spike_threshold(run_dir: Union[str, Path]) -> tuple[float, str]:
+    """SpikeDetector's threshold for a run and where it comes from: the run's config.yaml (the resolved config
+    LightningCLI saves beside the events) when it has one, else SpikeDetector's default."""
+    path = Path(run_dir) / "config.yaml"
+    if not path.is_file():
+        return DEFAULT_SPIKE_THRESHOLD, "SpikeDetector's default: no config.yaml in the run folder"
+    try:
+        config = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError:
+        return DEFAULT_SPIKE_THRESHOLD, f"SpikeDetector's default: {path} is not valid YAML"
+    callbacks = ((config.get("trainer") or {}).get("callbacks") or []) if isinstance(config, dict) else []
+    for callback in callbacks:
+        if isinstance(callback, dict) and str(callback.get("class_path", "")).endswith("SpikeDetector"):
+            threshold = (callback.get("init_args") or {}).get("threshold")
+            if threshold is not None:
+                return float(threshold), "config.yaml"
+            return DEFAULT_SPIKE_THRESHOLD, "SpikeDetector's default: config.yaml sets none"
+    return DEFAULT_SPIKE_THRESHOLD, "SpikeDetector's default: config.yaml has no SpikeDetector"
+
+
+def plot_runs(runs: dict[str, Scalars], out_dir: Union[str, Path],
+              thresholds: Optional[dict[str, float]] = None) -> dict[str, Path]:
+    """One PNG per entry of PLOTS that any run has data for; returns {plot name: path}. `thresholds`: each run's
+    SpikeDetector threshold, drawn on the spike-score plot."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -162,6 +198,15 @@ def plot_runs(runs: dict[str, Scalars], out_dir: Union[str, Path]) -> dict[str, 
                 ys = [_value_near(scalars.get(tags[0], {}) if tags else {}, s) for s in events]
                 ax.scatter(events, ys, marker="x", color="red", zorder=3, s=40,
                            label=f"{label}: spikes" if len(runs) > 1 else "spikes")
+        if name == "spike_score":
+            drawn: set[float] = set()
+            for r, (label, scalars) in enumerate(runs.items()):
+                threshold = (thresholds or {}).get(label)
+                if threshold is None or threshold in drawn or not plot.tags(scalars):
+                    continue
+                drawn.add(threshold)
+                ax.axhline(threshold, ls="--", lw=1, color="red" if len(runs) == 1 else colors[r % len(colors)],
+                           label=f"threshold {threshold:g}" + (f" ({label})" if len(runs) > 1 else ""))
         if name == "loss":
             for r, (label, scalars) in enumerate(runs.items()):
                 steps, values = series(scalars, VAL_LOSS_TAG)
@@ -202,14 +247,36 @@ def _fmt(value: object, digits: int = 4) -> str:
     return str(value)
 
 
+def strict_json(data: Any) -> str:
+    """JSON that every parser reads: NaN and ±inf (which json.dumps writes as bare NaN/Infinity, not JSON) become
+    null; allow_nan=False makes any that slipped through an error instead of a file others cannot read."""
+
+    def clean(value: Any) -> Any:
+        if isinstance(value, float) and not math.isfinite(value):
+            return None
+        if isinstance(value, dict):
+            return {str(k): clean(v) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [clean(v) for v in value]
+        return value
+
+    return json.dumps(clean(data), indent=2, default=str, allow_nan=False)
+
+
+def _nats(value: object) -> str:
+    return f"{value:.3f}" if isinstance(value, float) and math.isfinite(value) else _fmt(value)
+
+
 def summary_table(summaries: dict[str, dict[str, object]]) -> str:
     """A markdown table, one row per run."""
-    lines = ["| run | steps | final loss | min loss (step) | max attn logit (layer) | max output logit | spikes "
-             "| diverged |", "|---|---|---|---|---|---|---|---|"]
+    lines = [f"| run | steps | final train loss (mean of last {TRAIN_LOSS_WINDOW} logged) | min train loss (step) "
+             "| final val loss | final val bpb | max attn logit (layer) | max output logit | spikes | diverged |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for label, s in summaries.items():
         diverged = f"yes, at step {s['diverged_at']}" if s["diverged"] else "no"
         lines.append(
-            f"| {label} | {s['steps']} | {_fmt(s['final_loss'])} | {_fmt(s['min_loss'])} ({_fmt(s['min_loss_step'])}) "
+            f"| {label} | {s['steps']} | {_nats(s['final_train_loss'])} | {_nats(s['min_loss'])} "
+            f"({_fmt(s['min_loss_step'])}) | {_nats(s['final_val_loss'])} | {_nats(s['final_val_bpb'])} "
             f"| {_fmt(s['max_attn_logit'])} ({_fmt(s['max_attn_logit_layer'])}) | {_fmt(s['max_output_logit'])} "
             f"| {s['spikes']} | {diverged} |")
     return "\n".join(lines)
@@ -217,13 +284,20 @@ def summary_table(summaries: dict[str, dict[str, object]]) -> str:
 
 def write_report(run_dirs: list[Path], out: Path) -> Path:
     runs = {_label(d, run_dirs): read_scalars(d) for d in run_dirs}
-    plots = plot_runs(runs, out)
+    thresholds = {_label(d, run_dirs): spike_threshold(d) for d in run_dirs}
+    plots = plot_runs(runs, out, {label: value for label, (value, _) in thresholds.items()})
     summaries = {label: summarize_run(scalars) for label, scalars in runs.items()}
     missing = [PLOTS[name].title for name in PLOTS if name not in plots]
     text = ["# Training report", "", "Runs: " + ", ".join(f"`{d}`" for d in run_dirs), "",
             summary_table(summaries), "",
-            f"Diverged: the training loss ends NaN/inf or more than {DIVERGENCE_MARGIN} nats above its lowest "
-            "value; the step given is where it left that range for good.", ""]
+            f"Final train loss: the mean of the last {TRAIN_LOSS_WINDOW} logged training losses (one logged step "
+            "is one batch); final val loss and bpb: the last validation. Diverged: the training loss ends NaN/inf "
+            f"or more than {DIVERGENCE_MARGIN} nats above its lowest value; the step given is where it left that "
+            "range for good.", ""]
+    if "spike_score" in plots:
+        text += ["Spike threshold (dashed on the spike-score plot): " + "; ".join(
+            f"{label} {value:g} ({source})" for label, (value, source) in thresholds.items()
+            if SCORE_TAG in runs[label]) + ".", ""]
     text += [f"![{name}]({path.name})" for name, path in plots.items()]
     if missing:
         text += ["", "Not logged in these runs: " + "; ".join(missing) + "."]
