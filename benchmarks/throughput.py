@@ -43,7 +43,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn as nn
@@ -63,7 +63,8 @@ SHAPES = {  # d_model, n_layer, n_head, micro-batch, llmtrain config
     "tiny": (64, 2, 2, 8, "configs/llama-124m.yaml"),
 }
 TINY_SEQ = 64
-IMPLEMENTATIONS = ("baseline", "litgpt", "llmtrain")
+IMPLEMENTATIONS = ("baseline", "litgpt", "torchtitan", "olmo_core", "llmtrain")
+LOOP_IMPLEMENTATIONS = IMPLEMENTATIONS[:-1]  # rows timed by loop() in a worker process
 # Speed levers of the llmtrain rows, measured one at a time: a variant is "shipped" (the config as it is) or
 # levers joined by "+", e.g. "mb2x+fp8".
 LEVERS = {
@@ -76,6 +77,10 @@ LEVERS = {
     "fuse": "bf16 projections that share an input (q/k/v, gate/up) as one matmul each (model.fuse_projections)",
 }
 MICRO_BATCH_LEVERS = {"mb2x": 2, "mb4x": 4, "mb6x": 6}  # lever -> factor on the shape's micro-batch
+# Levers of the loop rows (--baseline_variants): the micro-batch levers, float8, and torchtitan's maskless attention.
+LOOP_LEVERS = {**{k: v for k, v in LEVERS.items() if k in MICRO_BATCH_LEVERS}, "fp8": LEVERS["fp8"],
+               "sdpa": "torchtitan only: their ScaledDotProductAttention (is_causal) instead of their default flex"}
+DATASHEET_BF16 = PEAK_FLOPS
 STABILITY_CALLBACKS = ("LogitMonitor", "AttentionMonitor", "WeightMonitor", "SpikeDetector")
 MONITOR_INTERVAL = 100  # the monitors' every_n_steps in configs/llama-*.yaml
 
@@ -88,13 +93,25 @@ def raise_stopped(signum: int, frame: object) -> None:
     raise Stopped()
 
 
-def parse_variant(variant: str) -> tuple[str, ...]:
+def parse_variant(variant: str, known: Optional[dict] = None, option: str = "--variants") -> tuple[str, ...]:
+    known = LEVERS if known is None else known
     levers = () if variant == "shipped" else tuple(variant.split("+"))
-    unknown = [lever for lever in levers if lever not in LEVERS]
+    unknown = [lever for lever in levers if lever not in known]
     if unknown:
-        raise SystemExit(f"--variants {variant!r}: unknown lever(s) {unknown}; use 'shipped' or levers from "
-                         f"{sorted(LEVERS)} joined by '+'")
+        raise SystemExit(f"{option} {variant!r}: unknown lever(s) {unknown}; use 'shipped' or levers from "
+                         f"{sorted(known)} joined by '+'")
     return levers
+
+
+def row_levers(r: dict) -> tuple[str, ...]:
+    if r["impl"] == "llmtrain":
+        return parse_variant(r["variant"])
+    return parse_variant(r["variant"], LOOP_LEVERS, "--baseline_variants")
+
+
+def recipe(r: dict) -> tuple:
+    """What a row trains per step and at what precision; rows of one recipe are compared ('same recipe')."""
+    return r["shape"], r["micro_batch"], "fp8" in row_levers(r)
 
 
 def micro_batch_factor(levers: tuple[str, ...]) -> int:
@@ -186,8 +203,34 @@ def litgpt_model(cfg: ModelConfig) -> nn.Module:
                       parallel_residual=False, n_query_groups=cfg.n_head))
 
 
+def loop_model(impl: str, cfg: ModelConfig, device: torch.device, levers: tuple[str, ...],
+               compile: bool) -> tuple[nn.Module, Callable[[torch.Tensor], torch.Tensor], str]:
+    """The row's model, its `loss(tokens)` (forward and cross-entropy; compiled together for the reference and litgpt,
+    so no fp32 logits are materialized eagerly; the peers through their own compile functions) and its settings."""
+    float8 = "fp8" in levers
+    if impl in ("torchtitan", "olmo_core"):
+        from peers import olmo_core_peer, torchtitan_peer
+
+        peer = (torchtitan_peer(cfg, device, compile, float8, "sdpa" if "sdpa" in levers else "flex")
+                if impl == "torchtitan" else olmo_core_peer(cfg, device, compile, float8))
+        return peer.model, peer.loss, f"{peer.version}: {peer.settings}"
+    model = (litgpt_model(cfg) if impl == "litgpt" else Reference(cfg)).to(device)
+    if float8:  # torchao float8 training of every Linear but the LM head, as model.float8 does in llmtrain
+        from torchao.float8 import convert_to_float8_training
+
+        convert_to_float8_training(model, module_filter_fn=lambda module, fqn: fqn not in ("head", "lm_head"))
+
+    def loss(tokens: torch.Tensor) -> torch.Tensor:
+        logits = model(tokens[:, :-1])
+        return F.cross_entropy(logits.float().flatten(0, 1), tokens[:, 1:].flatten())
+
+    version = "litgpt " + __import__("importlib.metadata").metadata.version("litgpt") if impl == "litgpt" else "torch"
+    return model, torch.compile(loss) if compile else loss, (
+        f"{version}: model and cross-entropy compiled together" + (", torchao float8" if float8 else ""))
+
+
 def loop(impl: str, shape: str, micro_batch: int, steps: int, warmup: int, vocab_size: int, tiny: bool,
-         profile: int = 0, profile_path: Optional[Path] = None) -> dict:
+         profile: int = 0, profile_path: Optional[Path] = None, levers: tuple[str, ...] = ()) -> dict:
     """The reference training loop; returns tokens/s, step time and peak memory over steps warmup+1..steps, and with
     `profile` writes StepProfiler's report of that many more steps to `profile_path`."""
     seq = TINY_SEQ if tiny else SEQ
@@ -195,28 +238,22 @@ def loop(impl: str, shape: str, micro_batch: int, steps: int, warmup: int, vocab
     cuda = torch.cuda.is_available() and not tiny
     device = torch.device("cuda" if cuda else "cpu")
     torch.manual_seed(1234)
-    if impl == "litgpt":
-        try:
-            model = litgpt_model(cfg)
-        except ImportError as err:
-            return {"skipped": f"import litgpt failed: {err}"}
-    else:
-        model = Reference(cfg)
-    model = model.to(device)
+    try:
+        model, loss_fn, settings = loop_model(impl, cfg, device, levers, compile=not tiny)
+    except ImportError as err:
+        return {"skipped": f"import failed: {err}"}
     n_params = sum(p.numel() for p in model.parameters())
     if n_params != cfg.num_params():
         raise SystemExit(f"{impl}: {n_params} parameters, but ModelConfig counts {cfg.num_params()}")
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-4, betas=(0.9, 0.95), weight_decay=0.1,
                                   **({"fused": True} if cuda else {"foreach": True}))
-    forward = model if tiny else torch.compile(model)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda)
     gen = torch.Generator(device=device).manual_seed(0)
 
     def step() -> torch.Tensor:
         tokens = torch.randint(0, vocab_size, (micro_batch, seq + 1), device=device, generator=gen)
         with autocast:
-            logits = forward(tokens[:, :-1])
-        loss = F.cross_entropy(logits.float().flatten(0, 1), tokens[:, 1:].flatten())
+            loss = loss_fn(tokens)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -238,7 +275,7 @@ def loop(impl: str, shape: str, micro_batch: int, steps: int, warmup: int, vocab
     timed = steps - warmup
     result = {"tokens_per_sec": timed * micro_batch * seq / elapsed, "step_ms": 1e3 * elapsed / timed,
               "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
-              "final_loss": loss.item(), "params": n_params}
+              "final_loss": loss.item(), "params": n_params, "settings": settings}
     if profile and profile_path is not None:  # after the timed window, as the llmtrain rows' StepProfiler
         from llmtrain.callbacks.profile import profile_report
 
@@ -250,6 +287,27 @@ def loop(impl: str, shape: str, micro_batch: int, steps: int, warmup: int, vocab
             wall_us = (clock() - start) * 1e6
         profile_path.write_text(profile_report(prof.key_averages(), profile, wall_us))
     return result
+
+
+def matmul_ceiling(n: int = 8192, repeats: int = 50) -> float:
+    """Measured bf16 matmul rate (FLOP/s) on random n x n operands: the median of `repeats` timed products, each
+    on one of four operand pairs in turn (so no run reads the last one's output from L2)."""
+    pairs = [(torch.randn(n, n, device="cuda", dtype=torch.bfloat16),
+              torch.randn(n, n, device="cuda", dtype=torch.bfloat16)) for _ in range(4)]
+    for a, b in pairs:
+        a @ b
+    times = []
+    for i in range(repeats):
+        a, b = pairs[i % 4]
+        begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        begin.record()
+        a @ b
+        end.record()
+        end.synchronize()
+        times.append(begin.elapsed_time(end) / 1e3)
+    del pairs
+    torch.cuda.empty_cache()
+    return 2 * n**3 / sorted(times)[len(times) // 2]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -360,21 +418,27 @@ def llmtrain_result(run_dir: Path, micro_batch: int, args: argparse.Namespace) -
 
 
 # ----------------------------------------------------------------------------------------------------------------
-def run_worker(impl: str, shape: str, micro_batch: int, args: argparse.Namespace) -> dict:
-    """One loop row in its own process (fresh dynamo caches and peak-memory counter); the result is its last line."""
+def run_worker(impl: str, shape: str, micro_batch: int, variant: str, args: argparse.Namespace) -> dict:
+    """One loop row in its own process (fresh dynamo caches and peak-memory counter); the result is its last line.
+    A row that fails or outlasts --row_timeout is reported with the last line of its error."""
     cmd = [sys.executable, str(Path(__file__).resolve()), "--_worker", impl, "--shapes", shape,
-           "--micro_batch_size", str(micro_batch), "--steps", str(args.steps), "--warmup", str(args.warmup),
+           "--baseline_variants", variant, "--micro_batch_size", str(micro_batch), "--steps", str(args.steps), "--warmup", str(args.warmup),
            "--vocab_size", str(args.vocab_size), "--profile", str(args.profile), "--out", str(args.out),
            *(["--tiny"] if args.tiny else [])]
     log = args.out / "log.txt"
     with open(log, "a") as f:
         f.write(f"\n$ {' '.join(cmd)}\n")
         f.flush()
-        proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=f, text=True, cwd=REPO)
-        f.write(proc.stdout)
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=args.row_timeout)
+        except subprocess.TimeoutExpired as err:
+            f.write(f"{err.stderr or ''}\n")
+            return {"failed": f"{impl}: no result within --row_timeout {args.row_timeout} s"}
+        f.write(proc.stderr + proc.stdout)
     lines = proc.stdout.strip().splitlines()
     if proc.returncode != 0 or not lines:
-        return {"failed": f"{impl} exited with {proc.returncode}; see {log}"}
+        errors = [line for line in proc.stderr.splitlines() if "Error" in line or "error" in line]
+        return {"failed": f"{impl} exited with {proc.returncode}: {(errors or ['see log.txt'])[-1].strip()[:300]}"}
     return json.loads(lines[-1])
 
 
@@ -391,35 +455,58 @@ def fmt(value: Optional[float], spec: str) -> str:
     return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else format(value, spec)
 
 
+def same_recipe_ratios(results: list[dict]) -> dict[int, float]:
+    """Row index -> tokens/s over the baseline loop's at the same shape, micro-batch and precision (bf16 or
+    float8), i.e. the same tokens per step and the same numerics class; rows with no such baseline get none."""
+    base = {recipe(r): r["tokens_per_sec"] for r in results
+            if r["impl"] == "baseline" and "tokens_per_sec" in r and set(row_levers(r)) <= {"fp8", *MICRO_BATCH_LEVERS}}
+    return {i: r["tokens_per_sec"] / base[recipe(r)] for i, r in enumerate(results)
+            if "tokens_per_sec" in r and recipe(r) in base}
+
+
 def table(results: list[dict], args: argparse.Namespace) -> str:
     device = torch.cuda.get_device_name() if torch.cuda.is_available() and not args.tiny else "CPU"
-    lines = ["| shape | implementation | micro-batch | tokens/s | MFU | step time (ms) | peak GPU memory (GiB) "
-             "| vs baseline |", "|---|---|---|---|---|---|---|---|"]
-    base = {r["shape"]: r["tokens_per_sec"] for r in results
-            if r["impl"] == "baseline" and r["variant"] == "shipped" and "tokens_per_sec" in r}
-    for r in results:
-        head = f"| {r['shape']} | {r['label']} | {r['micro_batch']} |"
-        if "tokens_per_sec" not in r:
-            lines.append(f"{head} {r.get('skipped') or r.get('failed')} | | | | |")
-            continue
-        mfu = None if args.tiny else r["tokens_per_sec"] * r["flops_per_token"] / PEAK_FLOPS
-        ratio = r["tokens_per_sec"] / base[r["shape"]] if r["shape"] in base else None
-        lines.append(f"{head} {r['tokens_per_sec']:,.0f} | {fmt(mfu and 100 * mfu, '.1f')}{'%' if mfu else ''} "
-                     f"| {r['step_ms']:.1f} | {fmt(r['peak_gib'], '.1f')} | {fmt(ratio, '.2f')} |")
+    ceiling = getattr(args, "ceiling", None)
+    lines = result_rows(results, ceiling, args.tiny)
     seq = TINY_SEQ if args.tiny else SEQ
-    lines += ["", f"Device: {device}; torch {torch.__version__}. Sequence {seq}, vocab {args.vocab_size}; "
-              f"{args.steps} steps, the first {args.warmup} excluded (tokens/s over steps {args.warmup + 1}-"
-              f"{args.steps}).",
-              "MFU = tokens/s x (6*N_matmul + 12*n_layer*d_model*seq) / 989e12 (N_matmul: every parameter but the "
-              "input embedding; 989 TFLOP/s: H100 SXM dense bf16 datasheet peak)" +
+    versions = sorted({r["settings"].split(":")[0] for r in results if r.get("settings")})
+    lines += ["", f"Device: {device}; torch {torch.__version__}; {', '.join(versions)}. Sequence {seq}, vocab "
+              f"{args.vocab_size}; {args.steps} steps, the first {args.warmup} excluded (tokens/s over steps "
+              f"{args.warmup + 1}-{args.steps}).",
+              "MFU = tokens/s x (6*N_matmul + 12*n_layer*d_model*seq) / peak (N_matmul: every parameter but the input "
+              "embedding), against the 989 TFLOP/s H100/H200 SXM dense bf16 datasheet peak and against the measured "
+              f"bf16 matmul ceiling ({fmt(ceiling and ceiling / 1e12, '.0f')} TFLOP/s: an 8192^3 product, median of "
+              "50, same call); float8 rows are counted against the bf16 peaks too" +
               (" - not given on CPU." if args.tiny else "."),
-              "baseline/litgpt: random tokens, peak memory = torch.cuda.max_memory_allocated over the run; llmtrain: "
-              "`llmtrain fit` on --data_dir shards, the Throughput callback's window and peak memory. "
-              "'vs baseline': against the baseline row at the shape's own micro-batch.",
-              *[f"Lever {name}: {what}." for name, what in LEVERS.items()
-                if any(name in parse_variant(r["variant"]) for r in results)]]
+              "Loop rows (baseline, litgpt, torchtitan, olmo_core): random tokens, fused torch AdamW, bf16 autocast, "
+              "peak memory = torch.cuda.max_memory_allocated over the run; llmtrain: `llmtrain fit` on --data_dir "
+              "shards, the Throughput callback's window and peak memory. 'vs loop': against the baseline loop row of "
+              "the same micro-batch and precision (same recipe).",
+              *[f"Row {r['label']}: {r['settings']}." for r in results if r.get("settings")],
+              *[f"Lever {name}: {what}." for name, what in {**LEVERS, **LOOP_LEVERS}.items()
+                if any(name in row_levers(r) for r in results)]]
     memory = torch.cuda.get_device_properties(0).total_memory / 2**30 if torch.cuda.is_available() else None
     return "\n".join(lines + largest_micro_batch(results, memory))
+
+
+def result_rows(results: list[dict], ceiling: Optional[float], tiny: bool) -> list[str]:
+    """The table's header and one line per row; MFU against the datasheet peak and the measured `ceiling`."""
+    lines = ["| shape | implementation | micro-batch | precision | tokens/s | MFU (989) | MFU (measured peak) "
+             "| step time (ms) | peak GPU memory (GiB) | vs loop (same recipe) |", "|---|---|---|---|---|---|---|---|---|---|"]
+    ratios = same_recipe_ratios(results)
+    for i, r in enumerate(results):
+        precision = "float8" if "fp8" in row_levers(r) else "bf16"
+        head = f"| {r['shape']} | {r['label']} | {r['micro_batch']} | {precision} |"
+        if "tokens_per_sec" not in r:
+            lines.append(f"{head} {r.get('skipped') or r.get('failed')} | | | | | |")
+            continue
+        flops = r["tokens_per_sec"] * r["flops_per_token"]
+        mfu = None if tiny else 100 * flops / DATASHEET_BF16
+        measured = None if tiny or not ceiling else 100 * flops / ceiling
+        lines.append(f"{head} {r['tokens_per_sec']:,.0f} | {fmt(mfu, '.1f')}{'%' if mfu else ''} "
+                     f"| {fmt(measured, '.1f')}{'%' if measured else ''} | {r['step_ms']:.1f} "
+                     f"| {fmt(r['peak_gib'], '.1f')} | {fmt(ratios.get(i), '.3f')} |")
+    return lines
 
 
 def largest_micro_batch(results: list[dict], memory_gib: Optional[float]) -> list[str]:
@@ -432,7 +519,7 @@ def largest_micro_batch(results: list[dict], memory_gib: Optional[float]) -> lis
     capacity = 0.95 * memory_gib
 
     def other_levers(r: dict) -> tuple:
-        return r["shape"], r["impl"], tuple(sorted(set(parse_variant(r["variant"])) - set(MICRO_BATCH_LEVERS)))
+        return r["shape"], r["impl"], tuple(sorted(set(row_levers(r)) - set(MICRO_BATCH_LEVERS)))
 
     smallest: dict[tuple, dict] = {}
     for r in results:
@@ -467,8 +554,11 @@ def main() -> None:
     parser.add_argument("--only", nargs="+", default=list(IMPLEMENTATIONS), choices=IMPLEMENTATIONS)
     parser.add_argument("--variants", nargs="+", default=["shipped"],
                         help=f"llmtrain rows: 'shipped' or levers joined by '+' ({', '.join(LEVERS)})")
-    parser.add_argument("--baseline_variants", nargs="+", default=["shipped"], choices=["shipped", *MICRO_BATCH_LEVERS],
-                        help="baseline/litgpt rows: at the shape's micro-batch, and/or 2x, 4x or 6x it")
+    parser.add_argument("--baseline_variants", nargs="+", default=["shipped"],
+                        help=f"loop rows (baseline, litgpt, torchtitan, olmo_core): 'shipped' or levers joined by '+' "
+                             f"({', '.join(LOOP_LEVERS)})")
+    parser.add_argument("--row_timeout", type=float, default=None, help="seconds one loop row may take (default: none)")
+    parser.add_argument("--no_ceiling", action="store_true", help="skip measuring the bf16 matmul ceiling")
     parser.add_argument("--profile", type=int, default=0, metavar="N",
                         help="profile N steps after the timed window of every row (StepProfiler's report; profile_*.md)")
     parser.add_argument("--profile_monitored", action="store_true",
@@ -476,7 +566,7 @@ def main() -> None:
                              "profile_*_monitored.md)")
     parser.add_argument("--tiny", action="store_true",
                         help="CPU smoke test: tiny shape, few steps, no compile, fp32, no autocast, no fused AdamW")
-    parser.add_argument("--_worker", choices=("baseline", "litgpt"), help=argparse.SUPPRESS)
+    parser.add_argument("--_worker", choices=LOOP_IMPLEMENTATIONS, help=argparse.SUPPRESS)
     args = parser.parse_args()
     args.steps = args.steps if args.steps is not None else (12 if args.tiny else 150)
     args.warmup = args.warmup if args.warmup is not None else (4 if args.tiny else 30)
@@ -484,15 +574,18 @@ def main() -> None:
         parser.error(f"need 0 < --warmup ({args.warmup}) < --steps - 1 ({args.steps - 1})")
     for variant in args.variants:
         parse_variant(variant)
+    for variant in args.baseline_variants:
+        parse_variant(variant, LOOP_LEVERS, "--baseline_variants")
     if "tiny" in args.shapes and not args.tiny:
         parser.error("shape 'tiny' is the CPU smoke test: use --tiny")
     shapes = ["tiny"] if args.tiny else args.shapes
 
     if args._worker:
         torch.backends.cuda.matmul.allow_tf32 = True
-        profile_path = Path(args.out) / f"profile_{args._worker}_{shapes[0]}_mb{args.micro_batch_size}.md"
+        variant = args.baseline_variants[0]
+        profile_path = Path(args.out) / f"profile_{args._worker}_{shapes[0]}_{variant}_mb{args.micro_batch_size}.md"
         result = loop(args._worker, shapes[0], args.micro_batch_size, args.steps, args.warmup, args.vocab_size,
-                      args.tiny, args.profile, profile_path)
+                      args.tiny, args.profile, profile_path, parse_variant(variant, LOOP_LEVERS))
         print(json.dumps(result))
         return
 
@@ -503,17 +596,20 @@ def main() -> None:
     if "llmtrain" in args.only and not (Path(args.data_dir) / "metadata.json").is_file():
         parser.error(f"--data_dir {args.data_dir}: no prepared shards (metadata.json) there")
     signal.signal(signal.SIGTERM, raise_stopped)
+    if not args.tiny and not args.no_ceiling:
+        args.ceiling = matmul_ceiling()
+        print(f"[throughput] bf16 matmul 8192^3: {args.ceiling / 1e12:.0f} TFLOP/s (median of 50)", flush=True)
     results = []
     for shape, (impl, variant) in [(shape, row) for shape in shapes for row in rows(args)]:
         cfg = model_config(shape, args.vocab_size, TINY_SEQ if args.tiny else SEQ)
-        levers = parse_variant(variant)
+        levers = parse_variant(variant) if impl == "llmtrain" else parse_variant(variant, LOOP_LEVERS)
         micro_batch = (args.micro_batch_size or SHAPES[shape][3]) * micro_batch_factor(levers)
         label = impl if variant == "shipped" else f"{impl} ({variant})"
         print(f"[throughput] {shape} {label} (micro-batch {micro_batch}, {args.steps} steps)...", flush=True)
         start = time.time()
         try:
             r = (run_llmtrain(shape, micro_batch, levers, args) if impl == "llmtrain"
-                 else run_worker(impl, shape, micro_batch, args))
+                 else run_worker(impl, shape, micro_batch, variant, args))
         except Stopped:  # an llmtrain row that logged its timed window is kept by run_llmtrain
             r = {"failed": "stopped (SIGTERM) before the row finished", "stopped": True}
         r.update(shape=shape, impl=impl, variant=variant, label=label, micro_batch=micro_batch,
