@@ -447,6 +447,8 @@ def rows(args: argparse.Namespace) -> list[tuple[str, str]]:
     out = []
     for impl in args.only:
         variants = args.variants if impl == "llmtrain" else args.baseline_variants
+        if impl != "torchtitan":  # the sdpa lever is torchtitan's attention switch alone
+            variants = [v for v in variants if impl == "llmtrain" or "sdpa" not in parse_variant(v, LOOP_LEVERS)]
         out += [(impl, variant) for variant in variants]
     return out
 
