@@ -4,14 +4,21 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional
+from typing import Literal, Optional, get_args
 
-NORM_CHOICES = ("rmsnorm", "layernorm")
-NORM_POSITIONS = ("pre", "post", "sandwich")
-FFN_CHOICES = ("relu", "gelu", "silu", "swiglu", "geglu", "reglu")
+# Literal types: `llmtrain fit --help` lists the choices; __post_init__ still checks them, for configs built in Python.
+Norm = Literal["rmsnorm", "layernorm"]
+NormPosition = Literal["pre", "post", "sandwich"]
+Ffn = Literal["relu", "gelu", "silu", "swiglu", "geglu", "reglu"]
+Position = Literal["rope", "learned", "sinusoidal", "alibi", "none"]
+AttentionBackend = Literal["auto", "sdpa", "flex", "eager"]
+
+NORM_CHOICES: tuple[str, ...] = get_args(Norm)
+NORM_POSITIONS: tuple[str, ...] = get_args(NormPosition)
+FFN_CHOICES: tuple[str, ...] = get_args(Ffn)
 GLU_FFNS = ("swiglu", "geglu", "reglu")
-POSITION_CHOICES = ("rope", "learned", "sinusoidal", "alibi", "none")
-ATTENTION_BACKENDS = ("auto", "sdpa", "flex", "eager")
+POSITION_CHOICES: tuple[str, ...] = get_args(Position)
+ATTENTION_BACKENDS: tuple[str, ...] = get_args(AttentionBackend)
 
 
 class ConfigError(ValueError):
@@ -34,37 +41,59 @@ def _positive(field: str, value: Optional[float]) -> None:
 
 @dataclass
 class ModelConfig:
-    """Decoder-only Transformer. Defaults are the Llama recipe: pre-norm RMSNorm, SwiGLU, RoPE, no biases."""
+    """Decoder-only Transformer. Defaults are the Llama recipe: pre-norm RMSNorm, SwiGLU, RoPE, no biases.
+
+    Args:
+        vocab_size: token ids 0..vocab_size-1; must cover the tokenizer's vocabulary.
+        max_seq_len: longest sequence the model takes (the data's seq_len must not exceed it).
+        d_model: width of the residual stream.
+        n_layer: number of Transformer blocks.
+        n_head: query heads per attention layer.
+        n_kv_head: key/value heads shared by the query heads (grouped-query attention); null = n_head (plain MHA).
+        head_dim: width of each head; null = d_model / n_head (otherwise q/k/v project d_model -> n_head * head_dim).
+        d_ff: hidden width of the feed-forward layer; null = 4 * d_model for plain MLPs, 8/3 * d_model rounded up
+            to ffn_multiple_of for GLUs (equal parameters).
+        ffn_multiple_of: the default GLU d_ff is rounded up to a multiple of this.
+        norm: rmsnorm (Llama) or layernorm (GPT-2).
+        norm_position: pre (norm before each sublayer), post (original Transformer, norm after the residual add),
+            sandwich (norm before and after each sublayer).
+        norm_eps: epsilon inside every norm.
+        bias: biases on every linear layer and on LayerNorm (RMSNorm has none by definition).
+        ffn: relu, gelu, silu (plain MLPs) or swiglu, geglu, reglu (gated linear units, Shazeer 2020).
+        position: rope (rotary, rope_theta), learned (absolute embeddings), sinusoidal (fixed absolute), alibi
+            (linear attention bias), none (causal mask only).
+        rope_theta: RoPE base frequency.
+        qk_norm: RMSNorm of q and k per head before the dot product (Dehghani et al. 2023, Wortsman et al. 2023).
+        attn_logit_softcap: cap * tanh(logit / cap) on attention logits (Gemma 2); null = off.
+        final_logit_softcap: the same on the output logits; null = off.
+        tie_embeddings: share the input embedding matrix with the LM head.
+        init_std: std of the normal init; output projections are scaled by 1/sqrt(2 * n_layer).
+        attention_backend: auto (fused SDPA where the variant allows it, otherwise flex_attention on CUDA or eager
+            on CPU), sdpa, flex (flex_attention, CUDA), eager (plain matmuls).
+    """
 
     vocab_size: int = 32000
     max_seq_len: int = 2048
     d_model: int = 768
     n_layer: int = 12
     n_head: int = 12
-    # Grouped-query attention: n_head query heads share n_kv_head key/value heads (None = n_head, plain MHA).
     n_kv_head: Optional[int] = None
-    # None = d_model // n_head. May differ from that (then q/k/v project d_model -> n_head * head_dim).
     head_dim: Optional[int] = None
-    # None = 4·d_model for plain MLPs, 8/3·d_model rounded up to ffn_multiple_of for GLUs (equal params).
     d_ff: Optional[int] = None
     ffn_multiple_of: int = 256
-    norm: str = "rmsnorm"
-    norm_position: str = "pre"
+    norm: Norm = "rmsnorm"
+    norm_position: NormPosition = "pre"
     norm_eps: float = 1e-5
-    # Biases on every linear layer and on LayerNorm (RMSNorm has no bias by definition).
     bias: bool = False
-    ffn: str = "swiglu"
-    position: str = "rope"
+    ffn: Ffn = "swiglu"
+    position: Position = "rope"
     rope_theta: float = 10000.0
-    # RMSNorm of q and k per head before the dot product (Dehghani et al. 2023, Wortsman et al. 2023).
     qk_norm: bool = False
-    # tanh soft-capping, cap * tanh(x / cap) (Gemma 2); None = off.
     attn_logit_softcap: Optional[float] = None
     final_logit_softcap: Optional[float] = None
     tie_embeddings: bool = False
     init_std: float = 0.02
-    # "auto": fused SDPA where the variant allows it, otherwise flex_attention on CUDA or eager on CPU.
-    attention_backend: str = "auto"
+    attention_backend: AttentionBackend = "auto"
 
     def __post_init__(self) -> None:
         for field in ("vocab_size", "max_seq_len", "d_model", "n_layer", "n_head", "ffn_multiple_of"):

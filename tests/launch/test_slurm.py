@@ -1,7 +1,7 @@
 """`llmtrain submit` against a real SLURM on this machine: DDP over 2 tasks, over 2 nodes, and a requeue that resumes.
 
-The cluster (tests/launch/conftest.py) installs Debian's slurm-wlm and munge when missing, and runs two slurmd
-"nodes" on localhost. The jobs train the quickstart model, shrunk, with gloo on CPU.
+The cluster (tests/launch/conftest.py) needs Debian's slurm-wlm and munge installed (skipped otherwise), and runs
+two slurmd "nodes" on localhost. The jobs train the quickstart model, shrunk, with gloo on CPU.
 """
 
 from __future__ import annotations
