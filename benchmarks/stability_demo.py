@@ -84,7 +84,8 @@ def main() -> None:
                       "--model.config.max_seq_len", str(args.seq_len), "--model.optim.lr", str(lr),
                       "--model.optim.warmup_steps", str(args.warmup_steps),
                       "--model.optim.total_steps", str(args.steps), "--data.data_dir", args.data_dir,
-                      "--data.seq_len", str(args.seq_len), "--data.micro_batch_size", str(args.micro_batch_size)],
+                      "--data.seq_len", str(args.seq_len), "--data.micro_batch_size", str(args.micro_batch_size),
+                      "--data.global_batch_size", str(args.micro_batch_size)],
                      log)
             names.append(str(runs / name))
             s = summarize_run(runs / name)

@@ -46,7 +46,8 @@ ZERO_CONFIGS = {"ZeRO-1": "configs/deepspeed/zero1.yaml", "ZeRO-2": "configs/dee
 TINY_MODEL = ["--trainer.accelerator", "cpu", "--trainer.devices", "1", "--trainer.precision", "32-true",
               "--model.config.vocab_size", "320", "--model.config.d_model", "64", "--model.config.n_layer", "2",
               "--model.config.n_head", "2", "--model.config.max_seq_len", "64", "--model.compile", "off",
-              "--data.seq_len", "64", "--data.micro_batch_size", "8", "--data.num_workers", "0"]
+              "--data.seq_len", "64", "--data.micro_batch_size", "8", "--data.global_batch_size", "8",
+              "--data.num_workers", "0"]
 TINY_WORDS = ("the king queen lord lady sword crown night day love death fair foul speak hear thou thee thy doth "
               "hath shall will not what where when why how good ill sweet sour heaven earth fire water").split()
 

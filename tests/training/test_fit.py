@@ -31,7 +31,7 @@ def fit_args(corpus: dict[str, Path], run_root: Path, name: str, steps: int, *ex
         "--model.config.n_head", "2", "--model.config.max_seq_len", "32",
         "--model.optim.total_steps", "8", "--model.optim.warmup_steps", "2",
         "--data.data_dir", str(corpus["shards"]), "--data.seq_len", "32", "--data.micro_batch_size", "4",
-        "--data.num_workers", "0", *extra,
+        "--data.num_workers", "0", "--data.global_batch_size", "null", *extra,
     ]
 
 
