@@ -65,3 +65,58 @@ def save_checkpoint_now(callback: "ModelCheckpoint", trainer: "pl.Trainer") -> N
     candidates = callback._monitor_candidates(trainer)
     callback._save_topk_checkpoint(trainer, candidates)
     callback._save_last_checkpoint(trainer, candidates)
+
+
+# --------------------------------------------------------------------- Lightning's signal connector (preemption)
+
+
+def set_handlers_restored_after_fit(trainer: "pl.Trainer", handlers: dict[int, Any]) -> None:
+    """Makes the Trainer's teardown put back `handlers` (signal number -> handler) instead of the ones it found when
+    it registered its own (`trainer._signal_connector._original_handlers`). PreemptionCheckpoint installs its
+    handlers before that registration, so the Trainer would otherwise re-install them after a fit that ends with an
+    exception (the teardown hooks, which undo them, do not run then), leaving later signals swallowed."""
+    trainer._signal_connector._original_handlers.update(handlers)
+
+
+# ------------------------------------------------------------------ Lightning's optimizer-step counter (rollback)
+
+
+def rewind_optimizer_steps(trainer: "pl.Trainer", global_step: int) -> None:
+    """Sets the optimizer-step progress that `trainer.global_step` reads (`fit_loop.epoch_loop.automatic_optimization
+    .optim_progress.optimizer.step`, total and current) back to `global_step`, as a rollback to a checkpoint of that
+    step needs, without touching the batch progress (the data stream runs on). Lightning only restores it through
+    `fit_loop.load_state_dict`, which would also rewind the data position."""
+    progress = trainer.fit_loop.epoch_loop.automatic_optimization.optim_progress.optimizer.step
+    back = progress.total.completed - global_step
+    for tracker in (progress.total, progress.current):
+        tracker.ready = max(0, tracker.ready - back)
+        tracker.completed = max(0, tracker.completed - back)
+
+
+# ---------------------------------------------------------------------- DeepSpeed's global norm (SpikeDetector)
+
+
+def deepspeed_global_grad_norm(optimizer: Any) -> Optional[Any]:
+    """The global gradient norm (before clipping) a DeepSpeed ZeRO optimizer has just computed in its step
+    (`_global_grad_norm`; a NaN/inf norm reads -1), or None when it has none. The engine's public
+    `get_global_grad_norm()` copies it only after the optimizer step, too late for a decision before the update."""
+    return getattr(optimizer, "_global_grad_norm", None)
+
+
+# --------------------------------------------------------------- torch's found_inf step skip (SpikeDetector)
+
+
+def takes_found_inf(optimizer: Any) -> bool:
+    """Whether `optimizer.step()` reads a `found_inf` tensor and skips the whole update on the device when it is 1
+    (`_step_supports_amp_scaling`: torch's fused Adam/AdamW/SGD, the protocol they share with GradScaler)."""
+    return bool(getattr(optimizer, "_step_supports_amp_scaling", False))
+
+
+def set_found_inf(optimizer: Any, flag: Optional[Any]) -> None:
+    """Gives the next `optimizer.step()` a skip flag (a 0-dim float tensor on the parameters' device: 1 skips), or
+    removes it (None), so that it applies to one step only. Only for an optimizer where takes_found_inf()."""
+    if flag is None:
+        if hasattr(optimizer, "found_inf"):
+            del optimizer.found_inf
+    else:
+        optimizer.found_inf = flag

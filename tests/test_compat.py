@@ -43,3 +43,119 @@ def test_tensorboard_prefix_and_file_writer_write_one_event(tmp_path) -> None:
     events = EventAccumulator(str(tmp_path)).Reload()
     assert {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in ("a", "b")} == \
         {"a": [(7, 1.0)], "b": [(7, 2.0)]}, f"torch {torch.__version__}: SummaryWriter._get_file_writer changed"
+
+
+# ------------------------------------------------ Lightning's signal connector and step counter (preemption, rollback)
+
+import signal  # noqa: E402
+
+
+class _InstallsAtSetupThenFails(pl.Callback):
+    """Installs a SIGUSR2 handler before the Trainer registers its own (as PreemptionCheckpoint does), asks for the
+    one found before to be put back, then fails mid-fit: the path where only the Trainer's teardown restores."""
+
+    def __init__(self) -> None:
+        self.before = signal.getsignal(signal.SIGUSR2)
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        signal.signal(signal.SIGUSR2, lambda signum, frame: None)
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        compat.set_handlers_restored_after_fit(trainer, {signal.SIGUSR2: self.before})
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch, batch_idx) -> None:
+        raise RuntimeError("planted")
+
+
+def test_handlers_restored_after_a_failed_fit_are_the_ones_asked_for(tmp_path) -> None:
+    probe = _InstallsAtSetupThenFails()
+    trainer = pl.Trainer(max_steps=3, limit_val_batches=0, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, callbacks=[probe],
+                         default_root_dir=tmp_path)
+    try:
+        trainer.fit(BoringModel())
+    except RuntimeError:
+        pass
+    assert signal.getsignal(signal.SIGUSR2) is probe.before, \
+        f"lightning {pl.__version__}: Trainer._signal_connector._original_handlers changed"
+
+
+class _RewindsOnce(pl.Callback):
+    def __init__(self) -> None:
+        self.after_rewind: list[int] = []
+        self.batches = 0
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch, batch_idx) -> None:
+        self.batches += 1
+        if trainer.global_step == 3 and not self.after_rewind:
+            compat.rewind_optimizer_steps(trainer, 1)
+            self.after_rewind.append(trainer.global_step)
+
+
+def test_rewind_optimizer_steps_moves_global_step_back_and_the_data_on(tmp_path) -> None:
+    probe = _RewindsOnce()
+    trainer = pl.Trainer(max_steps=5, limit_val_batches=0, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, callbacks=[probe],
+                         default_root_dir=tmp_path)
+    trainer.fit(BoringModel())
+    # 3 steps, back to 1, 4 more steps to reach 5: 7 batches, none of them seen twice.
+    assert (probe.after_rewind, trainer.global_step, probe.batches) == ([1], 5, 7), \
+        f"lightning {pl.__version__}: optim_progress.optimizer.step changed"
+
+
+# ------------------------------------------------------------------- torch's found_inf skip, DeepSpeed's norm
+
+@torch.no_grad()
+def _fused_adamw_step(found_inf: float) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    weight = torch.nn.Parameter(torch.ones(4))
+    optimizer = torch.optim.AdamW([weight], lr=0.1, fused=True)
+    weight.grad = torch.full((4,), 0.5)
+    assert compat.takes_found_inf(optimizer), f"torch {torch.__version__}: _step_supports_amp_scaling is gone"
+    compat.set_found_inf(optimizer, torch.tensor(found_inf))
+    optimizer.step()
+    compat.set_found_inf(optimizer, None)
+    assert not hasattr(optimizer, "found_inf")
+    return weight.detach().clone(), torch.ones(4), optimizer.state[weight]
+
+
+def test_found_inf_skips_the_fused_step_entirely_and_only_when_set() -> None:
+    skipped, start, state = _fused_adamw_step(1.0)
+    assert torch.equal(skipped, start) and float(state["step"]) == 0 and not state["exp_avg"].any(), \
+        f"torch {torch.__version__}: fused AdamW no longer honours found_inf"
+    taken, start, state = _fused_adamw_step(0.0)
+    assert not torch.equal(taken, start) and float(state["step"]) == 1
+    assert not compat.takes_found_inf(torch.optim.AdamW([torch.nn.Parameter(torch.ones(1))], foreach=True))
+
+
+# One ZeRO-2 step on CPU; a step pre-hook of the wrapped torch optimizer reads the norm DeepSpeed has just computed,
+# which must equal the norm of the same gradients computed by plain torch.
+GRAD_NORM_SCRIPT = r"""
+import torch, deepspeed
+from llmtrain import compat
+torch.manual_seed(0)
+model, reference = torch.nn.Linear(8, 4), torch.nn.Linear(8, 4)
+reference.load_state_dict(model.state_dict())
+x = torch.randn(2, 8)
+reference(x).square().sum().backward()
+expected = torch.nn.utils.get_total_norm([p.grad for p in reference.parameters()]).item()
+config = {"train_micro_batch_size_per_gpu": 2, "zero_optimization": {"stage": 2},
+          "optimizer": {"type": "AdamW", "params": {"lr": 1e-2, "torch_adam": True}}}
+engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=config)
+seen = []
+engine.optimizer.optimizer.register_step_pre_hook(
+    lambda opt, args, kwargs: seen.append(float(compat.deepspeed_global_grad_norm(engine.optimizer))))
+engine.backward(engine(x).square().sum())
+engine.step()
+print("NORMS", seen[0], expected)
+"""
+
+
+def test_deepspeed_global_grad_norm_is_known_before_the_update() -> None:
+    from tests.conftest import run_deepspeed_ranks
+
+    (output,) = run_deepspeed_ranks(GRAD_NORM_SCRIPT, [], world_size=1)
+    seen, expected = map(float, output.split("NORMS")[1].split())
+    import deepspeed
+
+    assert abs(seen - expected) <= 1e-5 * expected, \
+        f"deepspeed {deepspeed.__version__}: ZeRO's _global_grad_norm is {seen}, the gradients' norm is {expected}"

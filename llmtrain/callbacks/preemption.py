@@ -1,19 +1,25 @@
-"""Preemption: on SLURM's warning signal (or SIGTERM), save `last.ckpt` at a step boundary and requeue the job.
+"""Preemption: on SIGTERM or SIGUSR1 (SLURM's warning signal), save `last.ckpt` at a step boundary, requeue the job
+when in SLURM, and exit with 128 + the signal number: 143 (SIGTERM) and 138 (SIGUSR1) mean "saved, resumable".
 
 Why not Lightning's own `SLURMEnvironment(auto_requeue=True)`: in Lightning 2.6 it saves the checkpoint *inside the
 signal handler*, i.e. after any bytecode, possibly mid-step or mid-collective (Lightning-AI/pytorch-lightning#21406:
 intermittent hangs), and writes `hpc_ckpt_N.ckpt` beside, not into, the folder that `--ckpt_path last` reads; its
 SIGTERM handler also runs a collective inside the handler. Here the handler only records the signal. At the end of
 the next optimizer step one all-reduce tells every rank, all ranks save `last.ckpt` together; at the start of the
-following batch rank 0 runs `scontrol requeue` and every rank exits. The requeued job (SLURM_RESTART_COUNT > 0) is
-started by launch/slurm/llmtrain.sbatch with `--ckpt_path last`, which finds this checkpoint.
+following batch rank 0 runs `scontrol requeue` (in SLURM), prints one line naming the checkpoint and the resume
+command, and every rank exits with 128 + signum. The requeued job (SLURM_RESTART_COUNT > 0) is started by
+launch/slurm/llmtrain.sbatch with `--ckpt_path last`, which finds this checkpoint; outside SLURM the user (or a
+supervisor reading the status) reruns the printed command. The shipped configs list this callback, so a plain
+`llmtrain fit` stopped by `kill`, a scheduler or a container runtime keeps its steps and never exits 0.
 """
 
 from __future__ import annotations
 
 import os
+import shlex
 import signal
 import subprocess
+import sys
 import threading
 from pathlib import Path
 from types import FrameType
@@ -22,7 +28,9 @@ from typing import Any, Optional
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.utilities.exceptions import SIGTERMException
-from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_only, rank_zero_warn
+
+from llmtrain.compat import set_handlers_restored_after_fit
 
 SIGNALS = {"SIGUSR1": signal.SIGUSR1, "SIGUSR2": signal.SIGUSR2, "SIGTERM": signal.SIGTERM, "SIGINT": signal.SIGINT}
 
@@ -87,7 +95,7 @@ class PreemptionCheckpoint(Callback):
         # run) re-installs the handlers it found when it registered, i.e. ours: make those the originals instead.
         for name in self.signals:
             signal.signal(SIGNALS[name], self._record)
-        trainer._signal_connector._original_handlers.update(self._original_handlers)
+        set_handlers_restored_after_fit(trainer, self._original_handlers)
         self._last_global_step = trainer.global_step
 
     def teardown(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
@@ -95,6 +103,10 @@ class PreemptionCheckpoint(Callback):
             self._restore()
 
     def on_exception(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", exception: BaseException) -> None:
+        # A SIGTERM that came before on_train_start also reached the Trainer's own handler, and its loop stops right
+        # after the batch end at which we saved, with SystemExit(None), i.e. status 0: give it ours.
+        if isinstance(exception, SIGTERMException) and exception.code is None and self._saved is not None:
+            exception.code = self._announce(trainer)
         self._restore()  # for an exception before training started, when the Trainer has nothing to put back
 
     # -- at the step boundary -------------------------------------------------------------------------------------
@@ -113,15 +125,23 @@ class PreemptionCheckpoint(Callback):
         # Stop here rather than right after saving, so that the saved step's metrics have been logged.
         if self._saved is None:
             return
-        signum = self._received
-        requeued = trainer.is_global_zero and self.requeue and _requeue_job(signum)
-        name = signal.Signals(signum).name if signum is not None else "a signal on another rank"
-        rank_zero_info(f"Preemption: {name} at step {trainer.global_step}; saved {self._saved}"
-                       + ("; job requeued, it resumes from there" if requeued else "; resume with `--ckpt_path last`"))
+        status = self._announce(trainer)
         trainer.strategy.barrier("PreemptionCheckpoint.exit")
         # The SystemExit that Lightning's loops raise on SIGTERM: loggers are finalised, callbacks see it, and the
-        # exit status says which signal stopped the run (138 for SIGUSR1: the sbatch template requeues on it).
-        raise SIGTERMException(128 + (signum or signal.SIGTERM))
+        # status reaches the shell through llmtrain.cli.main (138 for SIGUSR1: the sbatch template requeues on it).
+        raise SIGTERMException(status)
+
+    def _announce(self, trainer: "pl.Trainer") -> int:
+        """Requeues the SLURM job (rank 0), prints the one line saying what was saved and how to go on; returns the
+        exit status, 128 + the signal number (a rank told by another rank's signal exits as for SIGTERM)."""
+        signum = self._received
+        status = 128 + (signum or signal.SIGTERM)
+        requeued = trainer.is_global_zero and self.requeue and _requeue_job(signum)
+        name = signal.Signals(signum).name if signum is not None else "a signal on another rank"
+        then = "job requeued, it resumes from there" if requeued else f"resume with: {_resume_command()}"
+        _print_line(f"Preemption: {name} at step {trainer.global_step}; saved {self._saved}; {then}; "
+                    f"exit status {status} (saved, resumable)")
+        return status
 
     def on_train_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         if self._saved is not None:
@@ -143,13 +163,41 @@ class PreemptionCheckpoint(Callback):
         return path
 
 
+@rank_zero_only
+def _print_line(line: str) -> None:
+    # stderr, unbuffered and whatever the logging setup: the line a user or a supervisor script looks for.
+    print(line, file=sys.stderr, flush=True)
+
+
+def _resume_command() -> str:
+    """The command line of this run with `--ckpt_path last` in place of any --ckpt_path, when it was `llmtrain fit`
+    (the console script or `python -m llmtrain.cli`); else the generic advice."""
+    args = sys.argv[1:]
+    if Path(sys.argv[0]).name not in ("llmtrain", "cli.py") or not args or args[0] != "fit":
+        return "the same fit with ckpt_path='last' (`llmtrain fit ... --ckpt_path last`)"
+    kept: list[str] = []
+    skip = False
+    for arg in args:
+        if skip or arg.startswith("--ckpt_path="):
+            skip = False
+            continue
+        skip = arg == "--ckpt_path"
+        if not skip:
+            kept.append(arg)
+    return shlex.join(["llmtrain", *kept, "--ckpt_path", "last"])
+
+
 def _requeue_job(signum: Optional[int]) -> bool:
-    """`scontrol requeue` this job; False (with the reason logged) when not in SLURM, cancelled, or it fails."""
+    """`scontrol requeue` this job; False (with the reason logged) when not in SLURM, not requeueable (sbatch
+    --no-requeue, `llmtrain submit --no_requeue`), cancelled, or it fails."""
     job_id = os.environ.get("SLURM_JOB_ID")
     if job_id is None:
         return False
+    state = _job_fields(job_id)
+    if state.get("Requeue") == "0":
+        rank_zero_info(f"Preemption: job {job_id} was submitted with --no-requeue: not requeued")
+        return False
     if signum == signal.SIGTERM:
-        state = _job_fields(job_id)
         # scancel: JobState=COMPLETING, Reason=None; time limit: Reason=TimeLimit; `scancel --signal=TERM`: RUNNING.
         if state.get("JobState") != "RUNNING" and state.get("Reason") != "TimeLimit":
             rank_zero_info(f"Preemption: job {job_id} is being cancelled ({state or 'state unknown'}): not requeued")
@@ -173,4 +221,4 @@ def _job_fields(job_id: str) -> dict[str, str]:
                              timeout=30).stdout
     except (FileNotFoundError, subprocess.TimeoutExpired):
         return {}
-    return dict(item.split("=", 1) for item in out.split() if item.startswith(("JobState=", "Reason=")))
+    return dict(item.split("=", 1) for item in out.split() if item.startswith(("JobState=", "Reason=", "Requeue=")))

@@ -55,6 +55,8 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
 from llmtrain.callbacks.stability import PREFIX, is_deepspeed
+from llmtrain.compat import (deepspeed_global_grad_norm, rewind_optimizer_steps, set_found_inf,
+                             takes_found_inf)
 from llmtrain.training.step_log import log_step
 
 ACTIONS = ("log", "skip_step", "rollback")
@@ -253,7 +255,7 @@ class SpikeDetector(pl.Callback):
         if self._deepspeed_loss is not None:
             trainer, loss = self._deepspeed_loss
             self._deepspeed_loss = None
-            norm = getattr(trainer.optimizers[0], "_global_grad_norm", None) if self.use_grad_norm else None
+            norm = deepspeed_global_grad_norm(trainer.optimizers[0]) if self.use_grad_norm else None
             if norm is not None:
                 norm = torch.as_tensor(norm, dtype=torch.float32, device=loss.device)
                 norm = torch.where(norm < 0, torch.full_like(norm, math.inf), norm)
@@ -276,8 +278,8 @@ class SpikeDetector(pl.Callback):
         if self._flag is None:
             return
         scaler = trainer is not None and getattr(trainer.precision_plugin, "scaler", None) is not None
-        if getattr(optimizer, "_step_supports_amp_scaling", False) and not scaler:
-            optimizer.found_inf = self._flag.float()  # read by the fused kernel: no host sync
+        if takes_found_inf(optimizer) and not scaler:
+            set_found_inf(optimizer, self._flag.float())  # read by the fused kernel: no host sync
             return
         if self._flag_host is None:
             self._flag_host = bool(self._flag)  # host sync: this optimizer cannot take the flag on the device
@@ -293,9 +295,7 @@ class SpikeDetector(pl.Callback):
         self._process(trainer, ready)
         for decision in self._pending:
             decision.fresh = False
-        optimizer = torch_optimizer(trainer.optimizers[0])
-        if hasattr(optimizer, "found_inf"):
-            del optimizer.found_inf  # the flag is for one step only
+        set_found_inf(torch_optimizer(trainer.optimizers[0]), None)  # the flag is for one step only
         self._flag = self._flag_host = None
         if self._stop is not None:
             raise TrainingDiverged(self._stop)
@@ -404,9 +404,5 @@ def restore_checkpoint(trainer: pl.Trainer, path: str) -> int:
     if precision_key in checkpoint:  # e.g. GradScaler state under 16-mixed
         trainer.precision_plugin.load_state_dict(checkpoint[precision_key])
     step = int(checkpoint["global_step"])
-    progress = trainer.fit_loop.epoch_loop.automatic_optimization.optim_progress.optimizer.step
-    back = progress.total.completed - step
-    for tracker in (progress.total, progress.current):
-        tracker.ready = max(0, tracker.ready - back)
-        tracker.completed = max(0, tracker.completed - back)
+    rewind_optimizer_steps(trainer, step)
     return step
