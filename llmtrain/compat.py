@@ -7,7 +7,8 @@ instead of a run.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Optional
+import contextlib
+from typing import TYPE_CHECKING, Any, Iterator, Optional
 
 if TYPE_CHECKING:
     from datetime import timedelta
@@ -65,6 +66,25 @@ def save_checkpoint_now(callback: "ModelCheckpoint", trainer: "pl.Trainer") -> N
     candidates = callback._monitor_candidates(trainer)
     callback._save_topk_checkpoint(trainer, candidates)
     callback._save_last_checkpoint(trainer, candidates)
+
+
+# ------------------------------------------------------------------------------ DeepSpeed's engine (ZeroStrategy)
+
+
+@contextlib.contextmanager
+def deepspeed_loads_universal(engine: Any, universal: bool) -> Iterator[None]:
+    """For the loads inside the block, DeepSpeed's engine reads a universal checkpoint (`latest_universal`, whole
+    per-parameter tensors that each rank cuts its partition from) or a plain ZeRO folder (`latest`, per-rank shards).
+    The engine decides by its config (`engine._config.load_universal_checkpoint`, set once from the DeepSpeed config
+    when the engine is built); `load_checkpoint` takes no such argument, and which kind `--ckpt_path` or a rollback
+    names is known only at the load."""
+    config = engine._config
+    previous = config.load_universal_checkpoint
+    config.load_universal_checkpoint = universal
+    try:
+        yield
+    finally:
+        config.load_universal_checkpoint = previous
 
 
 # --------------------------------------------------------------------- Lightning's signal connector (preemption)

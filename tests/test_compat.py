@@ -45,6 +45,61 @@ def test_tensorboard_prefix_and_file_writer_write_one_event(tmp_path) -> None:
         {"a": [(7, 1.0)], "b": [(7, 2.0)]}, f"torch {torch.__version__}: SummaryWriter._get_file_writer changed"
 
 
+# ------------------------------------------------------------------ ModelCheckpoint's triggers and save path, DeepSpeed
+
+from datetime import timedelta  # noqa: E402
+from types import SimpleNamespace  # noqa: E402
+
+from lightning.pytorch.callbacks import ModelCheckpoint  # noqa: E402
+
+
+class _SaveRecorder(pl.Callback):
+    def __init__(self, checkpoint: ModelCheckpoint, save_at_end: bool) -> None:
+        self.checkpoint, self.save_at_end, self.saved = checkpoint, save_at_end, []
+
+    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
+        self.saved.append(trainer.global_step)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.save_at_end:
+            compat.save_checkpoint_now(self.checkpoint, trainer)
+            compat.save_checkpoint_now(self.checkpoint, trainer)  # the same step again: no second write
+
+
+def _fit_with(checkpoint: ModelCheckpoint, save_at_end: bool, tmp_path) -> _SaveRecorder:
+    recorder = _SaveRecorder(checkpoint, save_at_end)
+    trainer = pl.Trainer(max_steps=3, limit_val_batches=0, logger=False, enable_progress_bar=False,
+                         enable_model_summary=False, callbacks=[checkpoint, recorder], default_root_dir=tmp_path)
+    trainer.fit(BoringModel())
+    return recorder
+
+
+def test_train_time_interval_is_honoured_beside_a_step_trigger(tmp_path) -> None:
+    checkpoint = ModelCheckpoint(dirpath=tmp_path, filename="{step}", every_n_train_steps=100, save_top_k=-1)
+    compat.set_train_time_interval(checkpoint, timedelta(0))  # due at every step
+    assert _fit_with(checkpoint, False, tmp_path).saved == [1, 2, 3], \
+        f"lightning {pl.__version__}: ModelCheckpoint._train_time_interval changed"
+
+
+def test_save_checkpoint_now_saves_the_current_step_once_and_moves_last(tmp_path) -> None:
+    checkpoint = ModelCheckpoint(dirpath=tmp_path, filename="{step}", every_n_train_steps=2, save_top_k=2,
+                                 monitor="step", mode="max", save_last="link")
+    recorder = _fit_with(checkpoint, True, tmp_path)
+    assert recorder.saved == [2, 3], f"lightning {pl.__version__}: ModelCheckpoint's save path changed"
+    assert (tmp_path / "last.ckpt").resolve().name == "step=3.ckpt"
+
+
+def test_deepspeed_loads_universal_sets_what_the_engine_reads() -> None:
+    from deepspeed.runtime.config import DeepSpeedConfig
+    from deepspeed.runtime.engine import DeepSpeedEngine
+
+    engine = SimpleNamespace(_config=DeepSpeedConfig({"train_batch_size": 1, "train_micro_batch_size_per_gpu": 1}))
+    assert DeepSpeedEngine.load_universal_checkpoint(engine) is False
+    with compat.deepspeed_loads_universal(engine, True):
+        assert DeepSpeedEngine.load_universal_checkpoint(engine) is True, "DeepSpeed's engine reads another flag"
+    assert DeepSpeedEngine.load_universal_checkpoint(engine) is False
+
+
 # ------------------------------------------------ Lightning's signal connector and step counter (preemption, rollback)
 
 import signal  # noqa: E402

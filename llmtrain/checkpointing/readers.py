@@ -159,9 +159,9 @@ def _load_checked(file: Path) -> Any:
 
 
 def _verified_zero_folder(folder: Path) -> tuple[Path, dict[str, Any]]:
-    """The tag folder of a ZeRO checkpoint and rank 0's model states (Lightning's entries), once every file is
-    proven to hold nothing but tensors, containers and DeepSpeed's plain-data classes: DeepSpeed's own readers
-    unpickle with weights_only=False, and after this check that runs no foreign code."""
+    """The tag folder of a ZeRO checkpoint and rank 0's model states (Lightning's entries), once every file in the
+    tag folder is proven to hold nothing but tensors, containers and DeepSpeed's plain-data classes: DeepSpeed's own
+    readers unpickle with weights_only=False, and after this check that runs no foreign code."""
     tag_dir = _zero_tag_dir(folder)
     model_files = sorted(tag_dir.glob("*_model_states.pt"))
     optim_files = sorted(tag_dir.glob("*_optim_states.pt"))
@@ -176,7 +176,7 @@ def _verified_zero_folder(folder: Path) -> tuple[Path, dict[str, Any]]:
         raise CheckpointError(f"{folder}: no rank-0 model states file ({' or '.join(RANK0_MODEL_STATES)}) "
                               f"in {tag_dir}")
     client_state: dict[str, Any] = {}
-    for file in model_files + optim_files:
+    for file in tag_files(tag_dir):  # all of them: DeepSpeed's converters pick files by name prefix, recursively
         loaded = _load_checked(file)
         if file == rank0:
             client_state = loaded
@@ -234,8 +234,27 @@ def verify_deepspeed_folder(folder: Path, rank: int = 0, world_size: int = 1) ->
     from `rank` on: together the ranks check each file once."""
     universal = is_universal(folder) and not (folder / "latest").is_file()
     tag_dir = tag_folder(folder, UNIVERSAL_LATEST) if universal else _zero_tag_dir(folder)
-    for file in sorted(tag_dir.rglob("*.pt"))[rank::world_size]:
+    for file in tag_files(tag_dir)[rank::world_size]:
         _load_checked(file)
+
+
+def tag_files(tag_dir: Path) -> list[Path]:
+    """Every file under a tag folder, sorted; refused if any entry is a link or not a plain file or folder.
+
+    DeepSpeed reads more than a fixed list here: its engine follows `zero/<parameter>/` names of the model, its
+    universal loader takes every `*.pt` of those folders, its converters every file whose name starts with
+    `mp_rank_`/`zero_pp_rank_`/`layer_`, at any depth. Checking every file, with no link that could lead elsewhere
+    (a linked folder is neither listed by a glob nor walked into), makes what DeepSpeed may read a subset of what was
+    checked; DeepSpeed writes nothing else there."""
+    files = []
+    for root, dirs, names in os.walk(tag_dir):  # does not walk into linked folders: they are refused below
+        for entry in [Path(root) / name for name in dirs + names]:
+            if entry.is_symlink() or not (entry.is_dir() or entry.is_file()):
+                what = f"a link to {os.readlink(entry)}" if entry.is_symlink() else "not a plain file"
+                raise CheckpointError(f"{entry}: {what}; a checkpoint's tag folder holds only its own files and "
+                                      "folders (refused before DeepSpeed reads anything)")
+        files += [Path(root) / name for name in names]
+    return sorted(files)
 
 
 def _deepspeed_safe_globals() -> list[type]:

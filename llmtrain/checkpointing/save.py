@@ -7,6 +7,7 @@ CheckpointIO (AtomicCheckpointIO for single files; ZeroStrategy renames whole fo
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 from typing import Any, Optional
@@ -15,6 +16,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.fabric.plugins import TorchCheckpointIO
 from torch import nn
+from torch.nn.utils import get_total_norm
 
 
 class NonFiniteWeights(RuntimeError):
@@ -29,8 +31,10 @@ def refuse_nonfinite_weights(trainer: "pl.Trainer", model: nn.Module) -> None:
     partition (`ds_tensor`) of each parameter; the decision is all-reduced so that no rank writes alone.
     """
     tensors = [getattr(p, "ds_tensor", p).detach() for p in model.parameters()]
-    tensors = [t for t in tensors if t.numel()]
-    finite = bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all()) if tensors else True
+    tensors = [t for t in tensors if t.numel()]  # the max-abs norm of an empty tensor is undefined
+    # One foreach reduction per device and dtype: the largest |w| is finite iff every weight is (NaN propagates,
+    # and unlike a 2-norm it cannot overflow), with no mask the size of the model.
+    finite = bool(torch.isfinite(get_total_norm(tensors, norm_type=math.inf))) if tensors else True
     if not trainer.strategy.reduce_boolean_decision(finite, all=True):
         bad = [name for name, p in model.named_parameters()
                if not torch.isfinite(getattr(p, "ds_tensor", p).detach()).all()][:5]

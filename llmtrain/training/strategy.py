@@ -21,6 +21,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from llmtrain.checkpointing.convert import convert_to_universal
 from llmtrain.checkpointing.readers import (UNIVERSAL_LATEST, ZERO3_RANK0_MODEL_STATES, CheckpointError, is_universal,
                                             verify_deepspeed_folder, zero_world_size)
+from llmtrain.compat import deepspeed_loads_universal
 
 ZERO_STAGES = (1, 2, 3)
 
@@ -129,13 +130,8 @@ class ZeroStrategy(DeepSpeedStrategy):
         if not universal:
             check_world_size(folder, self.world_size)
         self._verify(folder)
-        # DeepSpeed reads its config at load time to choose between `latest` with per-rank shards and a universal
-        # checkpoint's `latest_universal` with per-parameter state; the engine exists by now, so it is set there.
-        self.deepspeed_engine._config.load_universal_checkpoint = universal
-        try:
+        with deepspeed_loads_universal(self.deepspeed_engine, universal):
             checkpoint = super().load_checkpoint(checkpoint_path, weights_only)
-        finally:
-            self.deepspeed_engine._config.load_universal_checkpoint = False
         if universal:
             place_adam_steps(getattr(self.deepspeed_engine.optimizer, "optimizer", None))
         return checkpoint

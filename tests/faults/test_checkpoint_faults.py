@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -96,6 +97,101 @@ def test_a_payload_anywhere_in_the_tag_folder_stops_a_resume_before_deepspeed_re
     with pytest.raises(CheckpointError, match="extra_states.pt: refused"):
         zero_strategy().load_checkpoint(str(folder))
     assert not marker.exists()
+
+
+def test_a_linked_parameter_folder_in_a_universal_checkpoint_stops_a_resume(tmp_path: Path) -> None:
+    """DeepSpeed's universal loader reads `zero/<parameter>/*.pt` by the model's parameter names; a glob does not walk
+    into a linked folder, so a link there would be read by DeepSpeed and never checked."""
+    marker = tmp_path / "payload-ran"
+    folder = plant(tmp_path / "step0000002-universal.ckpt", "checkpoint", marker)
+    (folder / "latest").rename(folder / "latest_universal")
+    for file in (folder / "checkpoint").glob("*.pt"):
+        torch.save({"module": torch.zeros(1)}, file)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    torch.save({"param": Payload(marker)}, elsewhere / "fp32.pt")
+    (folder / "checkpoint" / "zero").mkdir()
+    (folder / "checkpoint" / "zero" / "model.lm_head.weight").symlink_to(elsewhere, target_is_directory=True)
+    with pytest.raises(CheckpointError, match="model.lm_head.weight: a link to"):
+        zero_strategy().load_checkpoint(str(folder))
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("planted", ["extra/mp_rank_00_model_states.pt", "mp_rank_01_model_states"])
+def test_every_file_deepspeed_s_converter_may_pick_is_checked_first(tmp_path: Path, zero_folders,
+                                                                    planted: str) -> None:
+    """ds_to_universal (ZeRO-1/2) unpickles every file whose name starts with mp_rank_/zero_pp_rank_, at any depth and
+    with any suffix: `convert --universal` (and reshard_on_resume, which calls it) checks each one first."""
+    marker = tmp_path / "payload-ran"
+    folder = Path(shutil.copytree(zero_folders(2, 2)[0], tmp_path / "step0000002.ckpt"))
+    (folder / "checkpoint" / planted).parent.mkdir(exist_ok=True)
+    torch.save({"x": Payload(marker)}, folder / "checkpoint" / planted)
+    with pytest.raises(CheckpointError, match=f"{Path(planted).name}: refused"):
+        convert_to_universal(str(folder), str(tmp_path / "universal.ckpt"), workers=1)
+    assert not marker.exists() and not (tmp_path / "universal.ckpt").exists()
+
+
+def test_last_skips_a_folder_whose_latest_is_not_a_plain_folder_name(tmp_path: Path, capsys) -> None:
+    marker = tmp_path / "payload-ran"
+    plant(tmp_path / "step0000004.ckpt", "decoy/checkpoint", marker)
+    plant(tmp_path / "step0000002.ckpt", "checkpoint", marker)
+    assert newest_checkpoint([tmp_path]) == tmp_path / "step0000002.ckpt"
+    err = capsys.readouterr().err
+    assert "skipping" in err and "step0000004.ckpt: " in err and "'decoy/checkpoint', which is not a plain folder" in err
+    assert not marker.exists()
+
+
+# Two ZeRO-3 ranks, each holding its partition of every parameter: a NaN in rank 1's partition alone stops the save
+# on both ranks (rank 0 cannot see it), and a finite save goes through ZeroStrategy's folder save on both.
+ZERO3_NONFINITE = r"""
+import json, os, sys
+from types import SimpleNamespace
+import torch, deepspeed
+from lightning.fabric.plugins.environments import LightningEnvironment
+from llmtrain.checkpointing.save import NonFiniteWeights, refuse_nonfinite_weights
+from llmtrain.model import ModelConfig
+from llmtrain.training.module import LanguageModel
+from llmtrain.training.strategy import ZeroStrategy
+
+folder, rank, world_size = sys.argv[1], int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+module = LanguageModel(ModelConfig(**json.loads(sys.argv[2])))
+ds_config = {"train_micro_batch_size_per_gpu": 2, "zero_optimization": {"stage": 3},
+             "optimizer": {"type": "AdamW", "params": {"lr": 1e-2, "torch_adam": True}}}
+with deepspeed.zero.Init(config_dict_or_path=ds_config):
+    module.configure_model()
+engine, *_ = deepspeed.initialize(model=module, model_parameters=module.parameters(), config=ds_config)
+strategy = ZeroStrategy(stage=3)
+strategy.cluster_environment = LightningEnvironment()
+strategy.cluster_environment.set_global_rank(rank)
+strategy.cluster_environment.set_world_size(world_size)
+strategy.parallel_devices = [torch.device("cpu")] * world_size
+strategy.model, strategy._lightning_module = engine, module
+trainer = SimpleNamespace(strategy=strategy, global_step=7)
+refuse_nonfinite_weights(trainer, module.model)
+strategy.save_checkpoint({"global_step": 7}, os.path.join(folder, "step0000007.ckpt"))
+param = next(p for p in module.model.parameters() if p.ds_tensor.numel() > 1)
+if rank == 1:
+    with torch.no_grad():
+        param.ds_tensor[1] = float("nan")
+try:
+    refuse_nonfinite_weights(trainer, module.model)
+    print("not refused")
+except NonFiniteWeights as error:
+    print("refused:", error)
+"""
+
+
+@pytest.mark.slow
+def test_under_zero3_a_nan_in_one_rank_s_partition_stops_the_save_on_every_rank(tmp_path: Path) -> None:
+    from tests.conftest import run_deepspeed_ranks
+    from tests.training.test_universal_checkpoint import TINY_JSON
+
+    outputs = run_deepspeed_ranks(ZERO3_NONFINITE, [str(tmp_path), TINY_JSON], world_size=2)
+    assert "not saving a checkpoint at step 7" in outputs[0] and "(on another rank)" in outputs[0], outputs[0][-2000:]
+    assert "not saving a checkpoint at step 7" in outputs[1] and "(this rank: " in outputs[1], outputs[1][-2000:]
+    shards = sorted(p.name for p in (tmp_path / "step0000007.ckpt" / "checkpoint").iterdir())
+    assert shards == [f"zero_pp_rank_{r}_mp_rank_00_{kind}_states.pt" for r in (0, 1) for kind in ("model", "optim")]
+    assert not list(tmp_path.glob(".tmp.*"))
 
 
 # ------------------------------------------------------------------------------------- what a fit writes, and when
