@@ -34,6 +34,7 @@ TRAIN_LOSS_WINDOW = 10
 DEFAULT_SPIKE_THRESHOLD = 6.0  # SpikeDetector's default threshold (tests/callbacks/test_report.py checks it)
 LOSS_TAG, VAL_LOSS_TAG = "train/loss", "val/loss"
 EVENTS_TAG, SCORE_TAG = "stability/spike/events", "stability/spike/score"
+OUTPUT_LOGIT_TAG = "stability/logits/max_abs"
 ATTN_MAX = re.compile(r"stability/attn_logit_max/layer_(\d+)$")
 
 
@@ -104,7 +105,7 @@ def summarize_run(run: Union[str, Path, Scalars], margin: float = DIVERGENCE_MAR
         "gpu_mem_peak_gib": _largest(scalars.get("train/gpu_mem_peak_gib", {})),
         "max_attn_logit": attn[attn_layer] if attn_layer is not None else math.nan,
         "max_attn_logit_layer": attn_layer,
-        "max_output_logit": _largest(scalars.get("stability/logits/max_abs", {})),
+        "max_output_logit": _largest(scalars.get(OUTPUT_LOGIT_TAG, {})),
         "spikes": len(scalars.get(EVENTS_TAG, {})),
         "diverged": step is not None,
         "diverged_at": step,
@@ -133,7 +134,7 @@ def _attn_layers(scalars: Scalars) -> list[str]:
 PLOTS: dict[str, Plot] = {
     "loss": Plot("training loss (x: spike events)", "loss (nats)", _tag(LOSS_TAG)),
     "logit_max": Plot("output logits: max |logit| on the probe batch", "max |logit|",
-                      _tag("stability/logits/max_abs")),
+                      _tag(OUTPUT_LOGIT_TAG)),
     "attn_logit_max": Plot("attention logits: max |q·k|/sqrt(d) per layer", "max |logit|", _attn_layers,
                            log_y=True),
     "weight_rms": Plot("weight RMS (all parameters)", "RMS", _tag("stability/weight_rms/global")),

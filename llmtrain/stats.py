@@ -127,7 +127,8 @@ def decimals_for(error: float, least: int = 3, most: int = 6) -> int:
     """Decimal places that show `error` to 2 significant digits, at least `least` (nats read to 0.001)."""
     if not (math.isfinite(error) and error > 0):
         return least
-    return max(least, min(most, 1 - math.floor(math.log10(error))))
+    rounded = float(f"{error:.1e}")  # 0.0099999 shows as 0.010, not 0.0100
+    return max(least, min(most, 1 - math.floor(math.log10(rounded))))
 
 
 def plus_minus(value: float, error: float, least: int = 3) -> str:

@@ -1,16 +1,23 @@
 """The report of a sweep folder (`llmtrain report SWEEP_DIR`, folders made by `llmtrain sweep`).
 
 summary.md holds one row per variant and learning rate, aggregated over seeds as mean ± std (sample std): final
-val loss and bpb, tokens/s, peak GPU memory, wall time, max attention and output logit, and how many runs diverged
-and at which steps. Each variant is compared with the baseline at the same LR: a difference is called one only when
-the two mean ± std intervals do not overlap; otherwise the row says "no difference" (DESIGN.md, Experiments).
-With an LR grid, the LR sensitivity of Wortsman et al. 2023 §3.1 per variant:
+val loss and bpb, tokens/s, peak GPU memory, wall time, max attention and output logit, spikes, and how many runs
+diverged and at which steps. Each variant is compared with the baseline at the same LR over paired seeds (seed s
+of every variant shares init and data order, llmtrain/sweep.py): the mean of the per-seed differences of the final
+val loss, its standard error, a 95% confidence interval from Student's t with n-1 degrees of freedom, and a verdict
+read from that interval: lower or higher when it excludes 0, else "no difference". Only seeds where both runs
+finished are paired; a diverged run is left out of the interval and named in the verdict. With a single pair, a
+measured seed noise (`--noise`) gives the interval instead, marked as weaker evidence (llmtrain/stats.py).
+
+Per variant, over every LR and seed: the LR sensitivity of Wortsman et al. 2023 §3.1 (with an LR grid),
 
     LR sensitivity = mean over the LR grid of [ min(loss(lr), L_cap) - min over the grid of loss(lr) ]
 
 where loss(lr) is the mean over seeds of the final val loss, a diverged run counts as L_cap, and L_cap = ln(vocab)
-(the loss of a uniform guess, about the loss at initialisation). Plots: val loss vs tokens and vs wall time per
-variant (at its best LR; band: min..max over seeds), and val loss vs LR per variant.
+(the loss of a uniform guess, about the loss at initialisation); and stability: the largest attention and output
+logit, spike events and diverged runs. Plots: val loss vs tokens and vs wall time per variant (at its best LR;
+band: min..max over seeds), beside it each variant's paired difference from the baseline over training (per LR;
+band: the 95% interval), and val loss vs LR per variant. summary.json holds the same numbers (strict JSON).
 """
 
 from __future__ import annotations
@@ -22,9 +29,9 @@ from pathlib import Path
 from statistics import mean, stdev
 from typing import Any, Callable, Optional
 
-
 from llmtrain.events import read_scalars, wall_clock
-from llmtrain.report import VAL_LOSS_TAG, _fmt, summarize_run
+from llmtrain.report import ATTN_MAX, OUTPUT_LOGIT_TAG, VAL_LOSS_TAG, _fmt, strict_json, summarize_run
+from llmtrain.stats import LEVEL, Difference, decimals_for, plus_minus
 
 
 @dataclass
@@ -44,6 +51,7 @@ class RunRecord:
     val_loss: dict[int, float] = field(default_factory=dict)
     tokens: dict[int, float] = field(default_factory=dict)  # step -> tokens trained on (val steps)
     wall: dict[int, float] = field(default_factory=dict)  # step -> seconds of training (val steps)
+    tags: set[str] = field(default_factory=set)  # every tag its events hold (logged vs NaN)
 
 
 def _tokens_at(tokens: dict[int, float], step: int) -> float:
@@ -53,6 +61,11 @@ def _tokens_at(tokens: dict[int, float], step: int) -> float:
         return tokens[max(before)]
     last = max(tokens)
     return tokens[last] * step / (last + 1)  # before the first logged step: the constant rate
+
+
+def _number(value: Optional[float]) -> float:
+    """A number read from JSON: null (how strict JSON writes NaN) and a missing value as NaN."""
+    return math.nan if value is None else float(value)
 
 
 def load_sweep(sweep_dir: Path) -> tuple[dict[str, Any], list[RunRecord]]:
@@ -72,12 +85,13 @@ def load_sweep(sweep_dir: Path) -> tuple[dict[str, Any], list[RunRecord]]:
         result = results.get(run["key"], {})
         record = RunRecord(key=run["key"], variant=run["variant"], lr=run["lr"], seed=run["seed"],
                            status=result.get("status", "pending"), diverged_step=result.get("diverged_step"),
-                           wall_s=result.get("wall_s", math.nan), params=run.get("params", 0),
+                           wall_s=_number(result.get("wall_s")), params=run.get("params", 0),
                            shape=run.get("shape", {}))
         run_dir = sweep_dir / run["key"]
         if result and any(run_dir.glob("events.out.tfevents.*")):
             scalars = read_scalars(run_dir)
             record.summary = summarize_run(scalars)
+            record.tags = set(scalars)
             record.val_loss = scalars.get(VAL_LOSS_TAG, {})
             train_tokens = scalars.get("train/tokens", {})
             if train_tokens:
@@ -96,15 +110,16 @@ def load_sweep(sweep_dir: Path) -> tuple[dict[str, Any], list[RunRecord]]:
 
 @dataclass
 class Spread:
-    """Mean ± sample std of the finite values over seeds (std NaN with fewer than 2)."""
+    """Mean ± sample std of the finite values over seeds (std NaN with fewer than 2). `fmt` None: nats, to the
+    decimals that show the std (plus_minus)."""
 
     mean: float
     std: float
     n: int
-    fmt: Callable[[float], str] = _fmt
+    fmt: Optional[Callable[[float], str]] = _fmt
 
     @classmethod
-    def of(cls, values: list[float], fmt: Callable[[float], str] = _fmt) -> "Spread":
+    def of(cls, values: list[float], fmt: Optional[Callable[[float], str]] = _fmt) -> "Spread":
         finite = [v for v in values if v is not None and math.isfinite(v)]
         if not finite:
             return cls(math.nan, math.nan, 0, fmt)
@@ -113,11 +128,9 @@ class Spread:
     def __str__(self) -> str:
         if self.n == 0:
             return "-"
+        if self.fmt is None:
+            return plus_minus(self.mean, self.std)
         return self.fmt(self.mean) if self.n == 1 else f"{self.fmt(self.mean)} ± {self.fmt(self.std)}"
-
-
-def _nats(value: float) -> str:
-    return f"{value:.3f}"
 
 
 def _thousands(value: float) -> str:
@@ -128,26 +141,84 @@ def _count(n: int) -> str:
     return f"{n / 1e6:.2f}M" if n >= 1e6 else f"{n / 1e3:.1f}k" if n >= 1e3 else str(n)
 
 
-def compare(value: Spread, baseline: Spread, noise: Optional[Spread] = None) -> str:
-    """"no difference" when the mean ± std intervals overlap; a difference (lower/higher) only outside them.
+def _final_loss(record: RunRecord) -> float:
+    return record.summary.get("final_val_loss", math.nan) if record.summary else math.nan
 
-    With fewer than 2 seeds on a side, a measured seed noise (`noise`: one config over several seeds, e.g. the
-    suite's seed_noise topic) stands in for the missing spreads: the difference of the two means has standard
-    error σ·sqrt(1/n_value + 1/n_baseline) for independent seeds (paired seeds correlate, which only lowers it), and
-    it counts beyond 2 of those."""
-    delta = value.mean - baseline.mean
-    if value.n >= 2 and baseline.n >= 2:
-        if abs(delta) <= value.std + baseline.std:
-            return "no difference"
-        return "lower" if delta < 0 else "higher"
-    if value.n == 0 or baseline.n == 0:
-        return "-"
-    if noise is None or noise.n < 2:
-        return "n/a (needs ≥ 2 seeds each, or a seed-noise sweep)"
-    z = delta / (noise.std * math.sqrt(1 / value.n + 1 / baseline.n))
-    if abs(z) <= 2:
-        return f"no difference ({z:+.1f}σ)"
-    return f"{'lower' if delta < 0 else 'higher'} ({z:+.1f}σ)"
+
+@dataclass
+class Comparison:
+    """One variant against the baseline at one LR over paired seeds."""
+
+    difference: Difference
+    seeds: list[int]  # the pairs in the interval: both runs finished with a final val loss
+    diverged: dict[str, list[int]]  # "variant" / "baseline" -> seeds whose run diverged
+    total: int  # seeds where both sides have a result (finished or diverged)
+
+    @property
+    def verdict(self) -> str:
+        d, left_out = self.difference, self._left_out()
+        if d.n == 0:
+            return self._divergence_only()
+        if d.verdict == "-":
+            text = "n/a (1 paired seed: needs ≥ 2, or a seed-noise sweep: --noise)"
+        elif d.basis == "seed noise":
+            text = f"{d.verdict} (1 seed, read against the seed noise: weaker evidence)"
+        else:
+            text = d.verdict
+        return text + (f"; left out: {left_out}" if left_out else "")
+
+    def _left_out(self) -> str:
+        return ", ".join(f"seed {s} ({side} diverged)" for side in ("variant", "baseline")
+                         for s in self.diverged[side])
+
+    def _divergence_only(self) -> str:
+        variant, baseline = len(self.diverged["variant"]), len(self.diverged["baseline"])
+        if not variant and not baseline:
+            return "-"
+        return f"no paired loss: diverged {variant}/{self.total} seeds, baseline {baseline}/{self.total}"
+
+    @property
+    def delta(self) -> str:
+        d = self.difference
+        if d.n == 0:
+            return "-"
+        if math.isnan(d.se):
+            return f"{d.mean:+.3f} (1 seed)"
+        value = plus_minus(d.mean, d.se)
+        sign = "+" if d.mean >= 0 else ""
+        return f"{sign}{value} ({d.n} seeds)" if d.basis == "paired" else f"{sign}{value} (1 seed, se from noise)"
+
+    @property
+    def interval(self) -> str:
+        low, high = self.difference.interval
+        if math.isnan(low):
+            return "-"
+        places = decimals_for(self.difference.se)
+        return f"[{low:+.{places}f}, {high:+.{places}f}]"
+
+    def as_dict(self) -> dict[str, Any]:
+        d = self.difference
+        return {"basis": d.basis, "seeds": self.seeds, "mean": d.mean, "se": d.se, "df": d.df,
+                "interval": list(d.interval), "level": LEVEL, "verdict": self.verdict, "diverged": self.diverged}
+
+
+def compare(variant_runs: list[RunRecord], base_runs: list[RunRecord], noise: Optional[Spread] = None) -> Comparison:
+    """The paired comparison of one variant with the baseline at one LR. Seeds pair up where both runs finished
+    with a final val loss; a seed where either side diverged is left out of the interval and counted; a failed or
+    pending run pairs with nothing. One pair: the seed noise `noise` (≥ 2 seeds of one config) gives the interval."""
+    variant, base = {r.seed: r for r in variant_runs}, {r.seed: r for r in base_runs}
+    shared = sorted(s for s in variant.keys() & base.keys()
+                    if {variant[s].status, base[s].status} <= {"finished", "diverged"})
+    pairs = [s for s in shared if variant[s].status == base[s].status == "finished"
+             and math.isfinite(_final_loss(variant[s])) and math.isfinite(_final_loss(base[s]))]
+    diverged = {"variant": [s for s in shared if variant[s].status == "diverged"],
+                "baseline": [s for s in shared if base[s].status == "diverged"]}
+    differences = [_final_loss(variant[s]) - _final_loss(base[s]) for s in pairs]
+    if len(differences) == 1 and noise is not None and noise.n >= 2:
+        difference = Difference.against_noise(differences[0], noise.std, noise.n)
+    else:
+        difference = Difference.paired(differences)
+    return Comparison(difference, pairs, diverged, len(shared))
 
 
 def seed_noise(sweep_dir: Path) -> Spread:
@@ -156,7 +227,7 @@ def seed_noise(sweep_dir: Path) -> Spread:
     manifest, records = load_sweep(sweep_dir)
     runs = [r for r in records if r.variant == manifest["baseline"] and r.status == "finished"]
     first_lr = min((r.lr for r in runs), key=lambda lr: (lr is not None, lr or 0.0), default=None)
-    return _cell([r for r in runs if r.lr == first_lr], "final_val_loss", _nats)
+    return _cell([r for r in runs if r.lr == first_lr], "final_val_loss", None)
 
 
 def lr_sensitivity(losses: dict[float, list[float]], cap: float) -> float:
@@ -185,32 +256,47 @@ def lr_losses(records: list[RunRecord], cap: float) -> dict[float, list[float]]:
 # ------------------------------------------------------------------------------------------------- tables
 
 
-def _cell(records: list[RunRecord], key: str, fmt: Callable[[float], str] = _fmt) -> Spread:
+def _cell(records: list[RunRecord], key: str, fmt: Optional[Callable[[float], str]] = _fmt) -> Spread:
     return Spread.of([r.summary.get(key, math.nan) for r in records if r.summary], fmt)
 
 
-def sweep_table(manifest: dict[str, Any], records: list[RunRecord], noise: Optional[Spread] = None) -> str:
-    lrs = sorted({r.lr for r in records}, key=lambda lr: (lr is None, lr))
+def _lrs(records: list[RunRecord]) -> list[Optional[float]]:
+    return sorted({r.lr for r in records}, key=lambda lr: (lr is None, lr or 0.0))
+
+
+def comparisons(manifest: dict[str, Any], records: list[RunRecord],
+                noise: Optional[Spread] = None) -> dict[tuple[str, Optional[float]], Comparison]:
+    """(variant, LR) -> its comparison with the baseline at that LR, for every variant but the baseline."""
     baseline = manifest["baseline"]
+    out = {}
+    for lr in _lrs(records):
+        base_runs = [r for r in records if r.variant == baseline and r.lr == lr]
+        for variant in manifest["variants"]:
+            runs = [r for r in records if r.variant == variant and r.lr == lr]
+            if runs and variant != baseline:
+                out[(variant, lr)] = compare(runs, base_runs, noise)
+    return out
+
+
+def _diverged(runs: list[RunRecord]) -> str:
+    diverged = [r for r in runs if r.status == "diverged"]
+    return f"{len(diverged)} ({', '.join(str(r.diverged_step) for r in diverged)})" if diverged else "0"
+
+
+def sweep_table(manifest: dict[str, Any], records: list[RunRecord],
+                compared: dict[tuple[str, Optional[float]], Comparison]) -> str:
     lines = ["| variant | LR | runs ok | N (non-emb.) | d_model / n_layer / d_ff | final val loss | Δ vs baseline "
-             "| verdict | val bpb | tokens/s | peak GPU mem (GiB) | wall (min) | max attn logit | max output logit "
-             "| diverged (steps) |", "|" + "---|" * 15]
-    for lr in lrs:
-        base_runs = [r for r in records if r.variant == baseline and r.lr == lr and r.status == "finished"]
-        base_loss = _cell(base_runs, "final_val_loss")
+             "(paired) | 95% CI of Δ | verdict | val bpb | tokens/s | peak GPU mem (GiB) | wall (min) "
+             "| max attn logit | max output logit | spikes | diverged (steps) |", "|" + "---|" * 17]
+    for lr in _lrs(records):
         for variant in manifest["variants"]:
             runs = [r for r in records if r.variant == variant and r.lr == lr]
             if not runs:
                 continue
             ok = [r for r in runs if r.status == "finished"]
-            loss = _cell(ok, "final_val_loss", _nats)
-            if variant == baseline:
-                delta, verdict = "", "baseline"
-            else:
-                delta = f"{loss.mean - base_loss.mean:+.3f}" if loss.n and base_loss.n else "-"
-                verdict = compare(loss, base_loss, noise)
-            diverged = [r for r in runs if r.status == "diverged"]
-            div = f"{len(diverged)} ({', '.join(str(r.diverged_step) for r in diverged)})" if diverged else "0"
+            comparison = compared.get((variant, lr))
+            delta, interval, verdict = ((comparison.delta, comparison.interval, comparison.verdict) if comparison
+                                        else ("", "", "baseline"))
             other = [f"{sum(r.status == s for r in runs)} {s}" for s in ("failed", "pending")
                      if any(r.status == s for r in runs)]
             shape = runs[0].shape
@@ -218,27 +304,67 @@ def sweep_table(manifest: dict[str, Any], records: list[RunRecord], noise: Optio
                 f"| {variant} | {_fmt(lr) if lr is not None else 'base'} | {len(ok)}/{len(runs)}"
                 f"{' (' + ', '.join(other) + ')' if other else ''} | {_count(runs[0].params)} "
                 f"| {shape.get('d_model', '-')} / {shape.get('n_layer', '-')} / {shape.get('d_ff', '-')} "
-                f"| {loss} | {delta} | {verdict} | {_cell(ok, 'final_val_bpb', _nats)} "
-                f"| {_cell(ok, 'tokens_per_sec', _thousands)} "
+                f"| {_cell(ok, 'final_val_loss', None)} | {delta} | {interval} | {verdict} "
+                f"| {_cell(ok, 'final_val_bpb', None)} | {_cell(ok, 'tokens_per_sec', _thousands)} "
                 f"| {_cell(ok, 'gpu_mem_peak_gib')} | {Spread.of([r.wall_s / 60 for r in ok], lambda v: f'{v:.3g}')} "
-                f"| {_cell(runs, 'max_attn_logit')} | {_cell(runs, 'max_output_logit')} | {div} |")
+                f"| {_cell(runs, 'max_attn_logit')} | {_cell(runs, 'max_output_logit')} "
+                f"| {_cell(runs, 'spikes', lambda v: f'{v:.3g}')} | {_diverged(runs)} |")
     return "\n".join(lines)
 
 
-def sensitivity_table(manifest: dict[str, Any], records: list[RunRecord], cap: float) -> str:
-    lines = ["| variant | LR sensitivity (nats) | best LR | loss at best LR | LRs with results | diverged runs |",
-             "|---|---|---|---|---|---|"]
+def stability(runs: list[RunRecord]) -> dict[str, Any]:
+    """Over every run of a variant (all LRs and seeds, diverged ones included): the largest attention and output
+    logit and the LR of the run that reached it, spike events in all and runs with any, diverged runs."""
+    out: dict[str, Any] = {}
+    logged = {"max_attn_logit": lambda r: any(ATTN_MAX.match(tag) for tag in r.tags),
+              "max_output_logit": lambda r: OUTPUT_LOGIT_TAG in r.tags}
+    for key in ("max_attn_logit", "max_output_logit"):
+        values = [(r.summary[key], r) for r in runs if r.summary and logged[key](r)]  # NaN here: a NaN logit
+        finite = [(v, r) for v, r in values if math.isfinite(v)]
+        top = max(finite, key=lambda vr: vr[0]) if finite else None
+        out[key] = {"value": top[0] if top else math.nan, "lr": top[1].lr if top else None,
+                    "nonfinite_runs": len(values) - len(finite)}
+    spikes = [int(r.summary.get("spikes", 0)) for r in runs if r.summary]
+    out["spikes"] = {"events": sum(spikes), "runs_with_any": sum(s > 0 for s in spikes),
+                     "runs_with_events": len(spikes)}
+    out["diverged"] = [{"key": r.key, "lr": r.lr, "seed": r.seed, "step": r.diverged_step}
+                       for r in runs if r.status == "diverged"]
+    out["runs"] = len(runs)
+    return out
+
+
+def _logit(entry: dict[str, Any]) -> str:
+    if math.isnan(entry["value"]):
+        text = "-"
+    else:
+        text = f"{entry['value']:,.3g}" if entry["value"] < 1000 else f"{entry['value']:,.0f}"
+        text += f" (lr {entry['lr']:g})" if entry["lr"] is not None else ""
+    return text + (f"; non-finite in {entry['nonfinite_runs']} runs" if entry["nonfinite_runs"] else "")
+
+
+def variant_table(manifest: dict[str, Any], records: list[RunRecord], cap: float) -> str:
+    """Per variant: LR sensitivity (with an LR grid) and stability over all its runs."""
+    grid = len(manifest.get("lrs") or []) > 1
+    lines = ["| variant | LR sensitivity (nats) | best LR | loss at best LR | LRs with results | max attn logit (LR) "
+             "| max output logit (LR) | spikes (runs with any) | diverged runs |", "|" + "---|" * 9]
     for variant in manifest["variants"]:
         runs = [r for r in records if r.variant == variant]
         losses = lr_losses(runs, cap)
-        if not losses:
-            lines.append(f"| {variant} | - | - | - | 0/{len(manifest['lrs'])} | - |")
-            continue
-        per_lr = {lr: mean(min(v, cap) for v in values) for lr, values in losses.items()}
-        best = min(per_lr, key=per_lr.get)
-        diverged = sum(r.status == "diverged" for r in runs)
-        lines.append(f"| {variant} | {lr_sensitivity(losses, cap):.4f} | {_fmt(best)} | {_fmt(per_lr[best])} "
-                     f"| {len(losses)}/{len(manifest['lrs'])} | {diverged} |")
+        sensitivity = ["-"] * 4
+        if grid:
+            sensitivity[3] = f"{len(losses)}/{len(manifest['lrs'])}"
+        if grid and losses:
+            per_lr = {lr: mean(min(v, cap) for v in values) for lr, values in losses.items()}
+            best = min(per_lr, key=per_lr.get)
+            sensitivity[:3] = [f"{lr_sensitivity(losses, cap):.4f}", _fmt(best), _fmt(per_lr[best])]
+        s = stability(runs)
+        spikes = s["spikes"]
+        diverged = ", ".join(f"lr {d['lr']:g} seed {d['seed']} at {d['step']}" if d["lr"] is not None
+                             else f"seed {d['seed']} at {d['step']}" for d in s["diverged"])
+        lines.append(f"| {variant} | {' | '.join(sensitivity)} | {_logit(s['max_attn_logit'])} "
+                     f"| {_logit(s['max_output_logit'])} | {spikes['events']} ({spikes['runs_with_any']}/"
+                     f"{spikes['runs_with_events']}) | {len(s['diverged'])}/{len(runs)}"
+                     f"{' (' + diverged + ')' if diverged else ''} |")
     return "\n".join(lines)
 
 
@@ -246,8 +372,9 @@ def runs_table(records: list[RunRecord]) -> str:
     lines = ["| run | status | final val loss | steps | wall (min) |", "|---|---|---|---|---|"]
     for r in records:
         status = f"diverged at step {r.diverged_step}" if r.status == "diverged" else r.status
-        lines.append(f"| `{r.key}` | {status} | {_fmt(r.summary.get('final_val_loss'))} "
-                     f"| {r.summary.get('steps', '-')} | {_fmt(r.wall_s / 60, 3)} |")
+        loss = _final_loss(r)
+        shown = f"{loss:.3f}" if math.isfinite(loss) else _fmt(r.summary.get("final_val_loss"))
+        lines.append(f"| `{r.key}` | {status} | {shown} | {r.summary.get('steps', '-')} | {_fmt(r.wall_s / 60, 3)} |")
     return "\n".join(lines)
 
 
@@ -263,6 +390,59 @@ def best_lr(records: list[RunRecord], variant: str) -> Optional[float]:
     scored = {lr: Spread.of(v).mean for lr, v in by_lr.items()}
     scored = {lr: v for lr, v in scored.items() if math.isfinite(v)}
     return min(scored, key=scored.get) if scored else None
+
+
+def difference_curve(variant_runs: list[RunRecord], base_runs: list[RunRecord]
+                     ) -> tuple[list[float], list[Difference], int]:
+    """(x, paired difference of the val loss at each val step, pairs): over the seeds where both runs finished,
+    at the steps every one of those runs logged; x is tokens (the baseline's mean), or the step without them."""
+    base = {r.seed: r for r in base_runs if r.status == "finished" and r.val_loss}
+    pairs = [(r, base[r.seed]) for r in variant_runs if r.status == "finished" and r.val_loss and r.seed in base]
+    if not pairs:
+        return [], [], 0
+    steps = sorted(set.intersection(*(set(v.val_loss) & set(b.val_loss) for v, b in pairs)))
+    with_tokens = all(b.tokens for _, b in pairs)
+    xs = [mean(b.tokens[s] for _, b in pairs) if with_tokens else float(s) for s in steps]
+    diffs = [Difference.paired([v.val_loss[s] - b.val_loss[s] for v, b in pairs]) for s in steps]
+    return xs, diffs, len(pairs)
+
+
+def _plot_differences(plt: Any, manifest: dict[str, Any], records: list[RunRecord], path: Path) -> bool:
+    """One panel per LR: each variant's val loss minus the baseline's over training, mean over paired seeds with
+    its 95% t interval as the band (none with one seed). False when there is nothing to draw."""
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    baseline, lrs = manifest["baseline"], _lrs(records)
+    fig, axes = plt.subplots(len(lrs), 1, figsize=(8, 3.2 * len(lrs)), squeeze=False, sharex=True)
+    drawn, with_tokens = False, True
+    for ax, lr in zip(axes[:, 0], lrs):
+        base_runs = [r for r in records if r.variant == baseline and r.lr == lr]
+        for i, variant in enumerate(manifest["variants"]):
+            if variant == baseline:
+                continue
+            xs, diffs, n = difference_curve([r for r in records if r.variant == variant and r.lr == lr], base_runs)
+            if not xs:
+                continue
+            with_tokens = with_tokens and any(r.tokens for r in base_runs)
+            color = colors[i % len(colors)]
+            ax.plot(xs, [d.mean for d in diffs], marker="o", ms=3, color=color, label=f"{variant} ({n} seeds)")
+            if n >= 2:
+                ax.fill_between(xs, [d.interval[0] for d in diffs], [d.interval[1] for d in diffs], color=color,
+                                alpha=0.2)
+            drawn = True
+        ax.axhline(0.0, color="grey", lw=1)
+        ax.set_title(f"LR {lr:g}" if lr is not None else "", fontsize=9)
+        ax.set_ylabel(f"val loss − {baseline} (nats)", fontsize=8)
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
+    if drawn:
+        axes[-1, 0].set_xlabel("tokens" if with_tokens else "step")
+        fig.suptitle(f"{manifest['name']}: difference from {baseline} at the same LR (mean over paired seeds; "
+                     "band: 95% t interval)", fontsize=9)
+        fig.tight_layout()
+        fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return drawn
 
 
 def plot_sweep(manifest: dict[str, Any], records: list[RunRecord], out: Path, cap: float) -> dict[str, Path]:
@@ -304,6 +484,10 @@ def plot_sweep(manifest: dict[str, Any], records: list[RunRecord], out: Path, ca
             written[name] = out / f"{name}.png"
             fig.savefig(written[name], dpi=110)
         plt.close(fig)
+        if name == "val_loss_vs_tokens" and len(manifest["variants"]) > 1:
+            path = out / "val_loss_diff_vs_tokens.png"
+            if _plot_differences(plt, manifest, records, path):
+                written["val_loss_diff_vs_tokens"] = path
 
     if len(manifest.get("lrs") or []) > 1:
         fig, ax = plt.subplots(figsize=(8, 4.5))
@@ -333,15 +517,47 @@ def plot_sweep(manifest: dict[str, Any], records: list[RunRecord], out: Path, ca
 # ------------------------------------------------------------------------------------------------- report
 
 
+def summary_data(manifest: dict[str, Any], records: list[RunRecord], noise: Optional[Spread], cap: float,
+                 compared: dict[tuple[str, Optional[float]], Comparison]) -> dict[str, Any]:
+    """The numbers of summary.md as data (summary.json): per variant and LR, per variant, per run."""
+    cells = []
+    for lr in _lrs(records):
+        for variant in manifest["variants"]:
+            runs = [r for r in records if r.variant == variant and r.lr == lr]
+            if not runs:
+                continue
+            ok = [r for r in runs if r.status == "finished"]
+            loss = _cell(ok, "final_val_loss")
+            comparison = compared.get((variant, lr))
+            cells.append({"variant": variant, "lr": lr, "runs": len(runs), "finished": len(ok),
+                          "final_val_loss": {"mean": loss.mean, "std": loss.std, "n": loss.n},
+                          "vs_baseline": comparison.as_dict() if comparison else None,
+                          "diverged": [{"seed": r.seed, "step": r.diverged_step} for r in runs
+                                       if r.status == "diverged"]})
+    variants = []
+    for variant in manifest["variants"]:
+        runs = [r for r in records if r.variant == variant]
+        losses = lr_losses(runs, cap)
+        variants.append({"variant": variant, "lr_sensitivity": lr_sensitivity(losses, cap) if losses else None,
+                         "stability": stability(runs)})
+    return {"name": manifest["name"], "baseline": manifest["baseline"], "level": LEVEL,
+            "seeds": manifest.get("seeds"), "lrs": manifest.get("lrs"), "l_cap": cap,
+            "seed_noise": {"mean": noise.mean, "std": noise.std, "n": noise.n} if noise else None,
+            "cells": cells, "variants": variants,
+            "runs": [{"key": r.key, "variant": r.variant, "lr": r.lr, "seed": r.seed, "status": r.status,
+                      "diverged_step": r.diverged_step, "wall_s": r.wall_s, "summary": r.summary} for r in records]}
+
+
 def write_sweep_report(sweep_dir: Path, out: Path, noise_dir: Optional[Path] = None) -> Path:
-    """summary.md and PNGs of a sweep into `out`; `noise_dir`: a sweep of one config over several seeds whose spread
-    gives verdicts where this sweep has fewer than 2 seeds per cell (see compare)."""
+    """summary.md, summary.json and PNGs of a sweep into `out`; `noise_dir`: a sweep of one config over several
+    seeds whose spread gives the interval where a comparison has a single paired seed (see compare)."""
     manifest, records = load_sweep(sweep_dir)
     noise = seed_noise(noise_dir) if noise_dir is not None else None
     out.mkdir(parents=True, exist_ok=True)
     vocab = manifest.get("vocab_size")
     cap = math.log(vocab) if vocab else math.nan
     seeds = manifest.get("seeds") or sorted({r.seed for r in records})
+    compared = comparisons(manifest, records, noise)
     text = [f"# Sweep report: {manifest['name']}", ""]
     if manifest.get("description"):
         text += [manifest["description"].strip(), ""]
@@ -359,30 +575,42 @@ def write_sweep_report(sweep_dir: Path, out: Path, noise_dir: Optional[Path] = N
                                                     for s in ("finished", "diverged", "failed", "pending")), ""]
     if noise is not None:
         text += [f"- Seed noise: final val loss {noise} over {noise.n} seeds of one config (`{noise_dir}`); where a "
-                 "cell has fewer than 2 seeds, its verdict compares the difference with it (kσ: the difference "
-                 "over its standard error, σ·sqrt(1/n + 1/n_baseline)).", ""]
+                 "comparison has a single paired seed, its interval is the difference ± t(n_noise − 1) · σ·√2 "
+                 "(two runs' difference; σ the noise sweep's std): weaker evidence than paired seeds.", ""]
     if len(seeds) < 3:
-        text += [f"**Fewer than 3 seeds ({len(seeds)})**: the spread of each cell is not measured well; no verdict "
-                 "here is a ranking.", ""]
-    text += ["## Results per variant and learning rate", "", sweep_table(manifest, records, noise), "",
-             "Mean ± sample std over seeds. Losses, bpb, tokens/s, memory and wall time are over the runs that "
-             "finished without diverging; the logit maxima over every run with events. Verdict: a variant differs "
-             "from the baseline at the same LR only when the two mean ± std intervals do not overlap; otherwise "
-             "\"no difference\". N: non-embedding parameters (no token/position embedding, no LM head). A run "
-             "diverged when SpikeDetector stopped it, or its training loss ends NaN/inf or more than 1 nat above "
-             "its lowest value (the step is where it left that range for good). \"-\": not logged (peak GPU "
-             "memory only on CUDA).", ""]
+        text += [f"**Fewer than 3 seeds ({len(seeds)})**: the spread of each cell is not measured well; with 2 "
+                 "paired seeds the 95% interval uses t(1) = 12.7 and only large, consistent differences show.", ""]
+    text += ["## Results per variant and learning rate", "", sweep_table(manifest, records, compared), "",
+             "Final val loss and bpb: mean ± sample std over the seeds that finished, to the decimals that show the "
+             "std. Δ vs baseline (paired): for every seed where both this variant and the baseline finished at this "
+             "LR, this run's final val loss minus the baseline's; the cell is the mean ± standard error of those "
+             "differences (sample std / √n). 95% CI: mean ± t(0.975, n − 1) · se. Verdict: \"lower\" or "
+             "\"higher\" "
+             "when the interval excludes 0, else \"no difference\" (at 95%); a seed where either run diverged is "
+             "left out of the interval and named; with one paired seed there is no interval unless `--noise` gives "
+             "the seed noise (weaker evidence, said in the cell). Tokens/s, memory and wall time: mean ± std over "
+             "the finished runs; logit maxima and spikes over every run with events. N: non-embedding parameters "
+             "(no token/position embedding, no LM head). A run diverged when SpikeDetector stopped it, or its "
+             "training loss ends NaN/inf or more than 1 nat above its lowest value (the step is where it left that "
+             "range for good). \"-\": not logged (peak GPU memory only on CUDA).", ""]
+    text += ["## Per variant: LR sensitivity and stability", "", variant_table(manifest, records, cap), ""]
     if len(manifest.get("lrs") or []) > 1:
-        text += ["## Learning-rate sensitivity", "", sensitivity_table(manifest, records, cap), "",
-                 "LR sensitivity (Wortsman et al. 2023 §3.1) = mean over the LR grid of "
+        text += ["LR sensitivity (Wortsman et al. 2023 §3.1) = mean over the LR grid of "
                  "[min(loss(lr), L_cap) − min over the grid of loss(lr)], loss(lr) = mean over seeds of the final "
                  f"val loss, a diverged run counted as L_cap = ln(vocab) = {cap:.3f}. Lower: less sensitive. Failed "
                  "or pending runs are left out (the column of LRs says how much of the grid has results).", ""]
+    text += ["Stability over every run of the variant (all LRs and seeds): the largest attention logit "
+             "(stability/attn_logit_max) and output logit (stability/logits/max_abs) and the LR of the run that "
+             "reached it, spike events (stability/spike/events) and the runs with any, diverged runs.", ""]
     plots = plot_sweep(manifest, records, out, cap)
-    text += [f"![{name}]({path.name})" for name, path in plots.items()]
+    beside = [name for name in ("val_loss_vs_tokens", "val_loss_diff_vs_tokens") if name in plots]
+    if beside:  # the raw curves and their differences side by side: at this scale the raw curves overlap
+        text += [" ".join(f"![{name}]({plots[name].name})" for name in beside)]
+    text += [f"![{name}]({path.name})" for name, path in plots.items() if name not in beside]
     if not plots:
         text += ["No plots: no run has logged val/loss yet."]
     text += ["", "## Runs", "", runs_table(records), ""]
+    (out / "summary.json").write_text(strict_json(summary_data(manifest, records, noise, cap, compared)) + "\n")
     path = out / "summary.md"
     path.write_text("\n".join(text) + "\n")
     return path

@@ -189,9 +189,23 @@ def fake_run(folder: Path, variant: str, lr: float, seed: int, val: list[float],
             "shape": {"d_model": 32, "n_layer": 2, "d_ff": 96}, "tokens": 41000}
 
 
+def table_rows(text: str, header: str = "| variant | LR | runs ok |") -> dict[tuple[str, str], dict[str, str]]:
+    """The rows of the markdown table whose header starts with `header`: (first cell, second cell) -> column -> cell."""
+    lines = text.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith(header))
+    columns = [c.strip() for c in lines[start].strip("|").split(" | ")]
+    rows = {}
+    for line in lines[start + 2:]:
+        if not line.startswith("|"):
+            break
+        cells = [c.strip() for c in line.strip().strip("|").split(" | ")]
+        rows[(cells[0], cells[1])] = dict(zip(columns, cells))
+    return rows
+
+
 def test_sweep_report_verdicts_divergence_and_lr_sensitivity(tmp_path):
     sweep = tmp_path / "sweep"
-    losses = {("base", 1e-3): [[5.0, 4.0, 3.50], [5.0, 4.0, 3.52]], ("qk", 1e-3): [[5.0, 4.0, 3.51], [5.0, 4.0, 3.53]],
+    losses = {("base", 1e-3): [[5.0, 4.0, 3.50], [5.0, 4.0, 3.52]], ("qk", 1e-3): [[5.0, 4.0, 3.51], [5.0, 4.0, 3.51]],
               ("base", 1e-2): [[5.0, 3.6, 3.40], [5.0, 3.6, 3.42]], ("qk", 1e-2): [[5.0, 3.5, 3.20], [5.0, 3.5, 3.22]]}
     runs = []
     for (variant, lr), seeds in losses.items():
@@ -205,18 +219,26 @@ def test_sweep_report_verdicts_divergence_and_lr_sensitivity(tmp_path):
 
     assert llmtrain_main(["report", str(sweep)]) == 0
     text = (sweep / "report" / "summary.md").read_text()
-    rows = {line.split(" | ")[0] + "|" + line.split(" | ")[1]: line for line in text.splitlines()
-            if line.startswith("| base") or line.startswith("| qk")}
-    assert "| no difference |" in rows["| qk|0.001"]  # +0.01 with std 0.014 each: inside the spread
-    assert "| -0.200 | lower |" in rows["| qk|0.01"]
-    assert "| 1 (10) |" in rows["| base|0.1"] and "| 0/1 |" in rows["| base|0.1"]
+    rows = table_rows(text)
+    assert rows[("qk", "0.001")]["verdict"] == "no difference"  # +0.01 and -0.01 in the two seeds
+    assert rows[("qk", "0.001")]["Δ vs baseline (paired)"].startswith("+0.000 ± 0.010 (2 seeds)")
+    assert rows[("qk", "0.01")]["verdict"] == "lower"  # -0.20 in both seeds
+    assert rows[("qk", "0.01")]["Δ vs baseline (paired)"].startswith("-0.200")
+    assert rows[("base", "0.1")]["diverged (steps)"] == "1 (10)" and rows[("base", "0.1")]["runs ok"] == "0/1"
+    assert rows[("qk", "0.1")]["verdict"] == "no paired loss: diverged 0/1 seeds, baseline 1/1"
     cap = math.log(320)
     base_sens = ((3.51 - 3.41) + 0 + (cap - 3.41)) / 3
-    qk_sens = ((3.52 - 3.21) + 0 + (3.8 - 3.21)) / 3
-    assert f"| base | {base_sens:.4f} | 0.01 |" in text and f"| qk | {qk_sens:.4f} | 0.01 |" in text
-    for png in ("val_loss_vs_tokens", "val_loss_vs_time", "lr_sensitivity"):
+    qk_sens = ((3.51 - 3.21) + 0 + (3.8 - 3.21)) / 3
+    per_variant = table_rows(text, "| variant | LR sensitivity")
+    assert per_variant[("base", f"{base_sens:.4f}")]["best LR"] == "0.01"
+    assert per_variant[("qk", f"{qk_sens:.4f}")]["diverged runs"] == "0/5"
+    assert per_variant[("base", f"{base_sens:.4f}")]["diverged runs"] == "1/5 (lr 0.1 seed 1 at 10)"
+    for png in ("val_loss_vs_tokens", "val_loss_diff_vs_tokens", "val_loss_vs_time", "lr_sensitivity"):
         assert (sweep / "report" / f"{png}.png").read_bytes()[:4] == b"\x89PNG"
         assert f"({png}.png)" in text
+    # The raw curves and the differences sit side by side on one line.
+    assert "![val_loss_vs_tokens](val_loss_vs_tokens.png) ![val_loss_diff_vs_tokens](val_loss_diff_vs_tokens.png)" \
+        in text
 
 
 def test_single_seed_verdicts_are_read_against_a_seed_noise_sweep(tmp_path):
@@ -226,17 +248,22 @@ def test_single_seed_verdicts_are_read_against_a_seed_noise_sweep(tmp_path):
     (noise / "sweep.json").write_text(json.dumps({"name": "seed_noise", "variants": ["base"], "baseline": "base",
                                                   "seeds": [1, 2, 3], "lrs": [1e-3], "runs": noise_runs}))
     runs = [fake_run(sweep / v / "lr0.001" / "seed1", v, 1e-3, 1, [5.0, val])
-            for v, val in (("base", 3.50), ("close", 3.45), ("far", 3.20))]
+            for v, val in (("base", 3.50), ("close", 3.45), ("far", 3.10))]
     (sweep / "sweep.json").write_text(json.dumps({"name": "one_seed", "variants": ["base", "close", "far"],
                                                   "baseline": "base", "seeds": [1], "lrs": [1e-3], "runs": runs}))
 
     assert llmtrain_main(["report", str(sweep)]) == 0
-    assert "| -0.300 | n/a (needs ≥ 2 seeds each, or a seed-noise sweep) |" in (sweep / "report" / "summary.md").read_text()
+    rows = table_rows((sweep / "report" / "summary.md").read_text())
+    assert rows[("far", "0.001")]["Δ vs baseline (paired)"] == "-0.400 (1 seed)"
+    assert rows[("far", "0.001")]["verdict"] == "n/a (1 paired seed: needs ≥ 2, or a seed-noise sweep: --noise)"
     assert llmtrain_main(["report", str(sweep), "--noise", str(noise)]) == 0
     text = (sweep / "report" / "summary.md").read_text()
     assert "- Seed noise: final val loss 3.550 ± 0.050 over 3 seeds" in text
-    # Standard error of a difference of two single runs: 0.05 * sqrt(2) = 0.0707.
-    assert "| -0.050 | no difference (-0.7σ) |" in text and "| -0.300 | lower (-4.2σ) |" in text
+    # One pair against the noise: se = 0.05·√2 = 0.0707, half-width t(0.975, 2 df) · se = 4.303 · 0.0707 = 0.304.
+    rows = table_rows(text)
+    assert rows[("close", "0.001")]["verdict"].startswith("no difference (1 seed, read against the seed noise")
+    assert rows[("far", "0.001")]["verdict"] == "lower (1 seed, read against the seed noise: weaker evidence)"
+    assert rows[("far", "0.001")]["95% CI of Δ"] == "[-0.704, -0.096]"
     with pytest.raises(SystemExit):
         llmtrain_main(["report", str(sweep), "--noise", str(tmp_path / "nowhere")])
 
