@@ -358,18 +358,12 @@ def _empty_train_error(source: Source, documents: int, val_fraction: float) -> P
         "give more documents (one big .txt file: --txt_sample_by paragraph or line) or a smaller val_fraction")
 
 
-def _one_document_per_file(source: Source) -> bool:
-    return not source.is_hub and all(
-        p.name.endswith(".txt") and source.txt_sample_by == "document" or p.suffix[1:].lower() in source.extensions
-        for p in source.files())
-
-
 def _require_train_documents(source: Source, batches: Iterator[list[str]], val_fraction: float
                              ) -> Iterator[list[str]]:
     """`batches` unchanged, but first read ahead (no tokenizing) until a train document is seen, and raise
     PrepareError if the source ends before: a one-document corpus is refused before any compute is spent."""
     needed = _first_train_document(val_fraction) + 1
-    if _one_document_per_file(source) and len(source.files()) < needed:  # decided without reading a byte
+    if source.one_document_per_file() and len(source.files()) < needed:  # decided without reading a byte
         raise _empty_train_error(source, len(source.files()), val_fraction)
     ahead: list[list[str]] = []
     seen = 0

@@ -172,6 +172,12 @@ class Source:
             raise SourceError(f"source {self.spec!r}: no dataset name after 'hub:'")
         return name, (config or None), (split or "train")
 
+    def one_document_per_file(self) -> bool:
+        """Whether every file is exactly one document (or none, if blank): .txt by "document", or --extensions."""
+        return not self.is_hub and all(
+            _builder_for(p, self.extensions) == "text"
+            and (self.txt_sample_by == "document" or _suffix(p)[1:] in self.extensions) for p in self.files())
+
     def without(self, files: list[Path]) -> "Source":
         """This source with `files` left out."""
         return dataclasses.replace(self, exclude=self.exclude | {str(p) for p in files})

@@ -5,10 +5,11 @@ token id < vocab size), and a run would train on it for days. So fit verifies th
 first step (TokenDataModule, `data.verify_shards`), and `llmtrain verify SHARDS` does it on demand.
 
 Speed at TB scale: a shard whose hash matched is recorded in a cache with its size, mtime_ns, ctime_ns and
-inode, and is not hashed again while all are unchanged; only new, rewritten or copied shards are read. Shards are hashed by a pool of
-threads (hashlib releases the GIL on large blocks), so the first check runs at disk speed or at
-n_threads x one core's sha256 rate, whichever is lower (measured rates: docs/data.md). What the cache cannot
-see is a byte that rots in place without touching the mtime: `llmtrain verify --no_cache` re-reads everything.
+inode, and is not hashed again while all are unchanged; only new, rewritten or copied shards are read. Shards
+are hashed by a pool of threads (hashlib releases the GIL on large blocks), so the first check runs at disk
+speed or at n_threads x one core's sha256 rate, whichever is lower (measured rates: docs/data.md). What the
+cache cannot see is a byte that rots in place without touching the file's times: `llmtrain verify --no_cache`
+re-reads everything.
 
 The cache lives beside the shards (`.llmtrain-verified.json`) when that folder is writable, else under the
 user cache dir (`$XDG_CACHE_HOME` or ~/.cache, `llmtrain/verified/`), keyed by the folder's absolute path.
