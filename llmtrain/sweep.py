@@ -399,9 +399,12 @@ def has_checkpoint(run_dir: Path) -> bool:
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:
-    """Written to a temporary name and renamed: a reader (or a killed writer) never sees half a file."""
+    """Written to a temporary name and renamed: a reader (or a killed writer) never sees half a file. Strict JSON:
+    a NaN in a run's summary (a metric not logged, a diverged loss) is written as null."""
+    from llmtrain.report import strict_json
+
     tmp = path.with_name(f".{path.name}.{socket.gethostname()}.{os.getpid()}.tmp")  # array tasks share the folder
-    tmp.write_text(json.dumps(data, indent=2, default=str))
+    tmp.write_text(strict_json(data))
     os.replace(tmp, path)
 
 
