@@ -131,7 +131,9 @@ class ZeroStrategy(DeepSpeedStrategy):
             check_world_size(folder, self.world_size)
         self._verify(folder)
         with deepspeed_loads_universal(self.deepspeed_engine, universal):
-            checkpoint = super().load_checkpoint(checkpoint_path, weights_only)
+            # weights_only reaches torch only on Lightning's single-file path (load_full_weights); DeepSpeed's engine
+            # unpickles the folder itself, which is why _verify ran first.
+            checkpoint = super().load_checkpoint(checkpoint_path, weights_only=True)
         if universal:
             place_adam_steps(getattr(self.deepspeed_engine.optimizer, "optimizer", None))
         return checkpoint

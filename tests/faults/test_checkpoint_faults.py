@@ -141,6 +141,26 @@ def test_last_skips_a_folder_whose_latest_is_not_a_plain_folder_name(tmp_path: P
     assert not marker.exists()
 
 
+def test_single_file_loads_unpickle_no_code_whatever_the_caller_or_torch_s_default(tmp_path: Path,
+                                                                                monkeypatch) -> None:
+    """`fit --ckpt_path FILE`, validate and SpikeDetector's rollback load through the strategy's CheckpointIO, which
+    PeriodicCheckpoint makes AtomicCheckpointIO: weights_only=True whatever the caller passes, and whatever torch's
+    default (TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD turns a weights_only left unset into False)."""
+    monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
+    marker, planted = tmp_path / "payload-ran", tmp_path / "planted.ckpt"
+    torch.save({"state_dict": {}, "x": Payload(marker)}, planted)
+    trainer = pl.Trainer(accelerator="cpu", max_steps=2, logger=False, enable_progress_bar=False,
+                         enable_model_summary=False,
+                         callbacks=[PeriodicCheckpoint(dirpath=str(tmp_path / "checkpoints"), every_n_steps=2)])
+    model = LanguageModel(tiny_config(), OptimConfig(warmup_steps=1, total_steps=20))
+    with pytest.raises(Exception, match="Weights only load failed"):
+        trainer.fit(model, torch.utils.data.DataLoader(random_batches(4), batch_size=None), ckpt_path=str(planted))
+    assert not marker.exists()
+    with pytest.raises(Exception, match="Weights only load failed"):
+        trainer.strategy.load_checkpoint(planted, weights_only=False)
+    assert not marker.exists()
+
+
 # Two ZeRO-3 ranks, each holding its partition of every parameter: a NaN in rank 1's partition alone stops the save
 # on both ranks (rank 0 cannot see it), and a finite save goes through ZeroStrategy's folder save on both.
 ZERO3_NONFINITE = r"""
