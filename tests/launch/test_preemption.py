@@ -126,3 +126,14 @@ def test_when_to_requeue(tmp_path, monkeypatch, signum, state, reason, requeue_r
 
 def test_no_requeue_outside_slurm():
     assert _requeue_job(signal.SIGUSR1) is False
+
+
+def test_submit_adds_the_callback_only_to_a_config_without_it(tmp_path):
+    from llmtrain.launch import SlurmJob, render
+
+    bare = tmp_path / "bare.yaml"  # a user's config with no callbacks list
+    bare.write_text("trainer:\n  logger:\n    class_path: lightning.pytorch.loggers.TensorBoardLogger\n")
+    added = "--trainer.callbacks+=llmtrain.callbacks.preemption.PreemptionCheckpoint"
+    assert render(SlurmJob(configs=[bare], workdir=tmp_path)).count(added) == 1
+    shipped = Path(__file__).resolve().parents[2] / "configs" / "quickstart.yaml"
+    assert added not in render(SlurmJob(configs=[shipped], workdir=tmp_path))
