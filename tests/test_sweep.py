@@ -279,7 +279,8 @@ def tiny_base(corpus: dict[str, Path], path: Path) -> Path:
                     "val_check_interval": 2, "check_val_every_n_epoch": None, "limit_val_batches": 1,
                     "log_every_n_steps": 1, "enable_checkpointing": False, "callbacks": callbacks,
                     "logger": {"class_path": "lightning.pytorch.loggers.TensorBoardLogger",
-                               "init_args": {"save_dir": "runs", "name": "x", "version": ""}}},
+                               "init_args": {"save_dir": "runs", "name": "x", "version": "",
+                                             "default_hp_metric": False}}},
         "model": {"config": {"vocab_size": 320, "max_seq_len": 32, "d_model": 32, "n_layer": 2, "n_head": 2,
                              "ffn": "gelu", "d_ff": 128},
                   "optim": {"lr": 3.0e-3, "warmup_steps": 1, "total_steps": 4}},
@@ -315,6 +316,10 @@ def test_tiny_cpu_sweep_end_to_end(prepared_corpus, tmp_path, capsys, monkeypatc
     text = (out / "report" / "summary.md").read_text()
     assert "| variant | LR | runs ok |" in text
     assert "| gelu | base | 1/1 |" in text and "| swiglu | base | 1/1 |" in text
-    assert "Fewer than 3 seeds" in text and "n/a (needs ≥ 2 seeds each, or a seed-noise sweep)" in text
-    for png in ("val_loss_vs_tokens", "val_loss_vs_time"):
+    assert "Fewer than 3 seeds" in text
+    assert table_rows(text)[("swiglu", "base")]["verdict"] == \
+        "n/a (1 paired seed: needs ≥ 2, or a seed-noise sweep: --noise)"
+    summary = json.loads((out / "report" / "summary.json").read_text())
+    assert [c["variant"] for c in summary["cells"]] == ["gelu", "swiglu"]
+    for png in ("val_loss_vs_tokens", "val_loss_diff_vs_tokens", "val_loss_vs_time"):
         assert (out / "report" / f"{png}.png").read_bytes()[:4] == b"\x89PNG"
