@@ -200,14 +200,16 @@ def plot_runs(runs: dict[str, Scalars], out_dir: Union[str, Path],
                 ax.scatter(events, ys, marker="x", color="red", zorder=3, s=40,
                            label=f"{label}: spikes" if len(runs) > 1 else "spikes")
         if name == "spike_score":
-            drawn: set[float] = set()
-            for r, (label, scalars) in enumerate(runs.items()):
-                threshold = (thresholds or {}).get(label)
-                if threshold is None or threshold in drawn or not plot.tags(scalars):
-                    continue
-                drawn.add(threshold)
-                ax.axhline(threshold, ls="--", lw=1, color="red" if len(runs) == 1 else colors[r % len(colors)],
-                           label=f"threshold {threshold:g}" + (f" ({label})" if len(runs) > 1 else ""))
+            shown = {label: (thresholds or {}).get(label) for label, scalars in runs.items() if plot.tags(scalars)}
+            shown = {label: value for label, value in shown.items() if value is not None}
+            if len(set(shown.values())) == 1:  # one line for every run
+                ax.axhline(next(iter(shown.values())), ls="--", lw=1, color="red",
+                           label=f"threshold {next(iter(shown.values())):g}")
+            else:  # each run's own, in its colour
+                for r, label in enumerate(runs):
+                    if label in shown:
+                        ax.axhline(shown[label], ls="--", lw=1, color=colors[r % len(colors)],
+                                   label=f"{label}: threshold {shown[label]:g}")
         if name == "loss":
             for r, (label, scalars) in enumerate(runs.items()):
                 steps, values = series(scalars, VAL_LOSS_TAG)
@@ -291,10 +293,10 @@ def write_report(run_dirs: list[Path], out: Path) -> Path:
     missing = [PLOTS[name].title for name in PLOTS if name not in plots]
     text = ["# Training report", "", "Runs: " + ", ".join(f"`{d}`" for d in run_dirs), "",
             summary_table(summaries), "",
-            f"Final train loss: the mean of the last {TRAIN_LOSS_WINDOW} logged training losses (one logged step "
-            "is one batch); final val loss and bpb: the last validation. Diverged: the training loss ends NaN/inf "
-            f"or more than {DIVERGENCE_MARGIN} nats above its lowest value; the step given is where it left that "
-            "range for good.", ""]
+            f"Final train loss: the mean of the last {TRAIN_LOSS_WINDOW} logged training losses (each is one "
+            "step's batch: one alone is noisy); final val loss and bpb: the last validation. Diverged: the training "
+            f"loss ends NaN/inf or more than {DIVERGENCE_MARGIN} nats above its lowest value; the step given is "
+            "where it left that range for good.", ""]
     if "spike_score" in plots:
         text += ["Spike threshold (dashed on the spike-score plot): " + "; ".join(
             f"{label} {value:g} ({source})" for label, (value, source) in thresholds.items()

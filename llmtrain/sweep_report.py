@@ -424,7 +424,8 @@ def _plot_differences(plt: Any, manifest: dict[str, Any], records: list[RunRecor
                 continue
             with_tokens = with_tokens and any(r.tokens for r in base_runs)
             color = colors[i % len(colors)]
-            ax.plot(xs, [d.mean for d in diffs], marker="o", ms=3, color=color, label=f"{variant} ({n} seeds)")
+            ax.plot(xs, [d.mean for d in diffs], marker="o", ms=3, color=color,
+                    label=f"{variant} ({n} seed{'s' if n > 1 else ''})")
             if n >= 2:
                 ax.fill_between(xs, [d.interval[0] for d in diffs], [d.interval[1] for d in diffs], color=color,
                                 alpha=0.2)
