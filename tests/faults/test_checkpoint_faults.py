@@ -235,6 +235,19 @@ def test_the_step_a_fit_ends_at_is_saved_once(tmp_path: Path, max_steps: int, sa
     assert torch.load(tmp_path / "last.ckpt", weights_only=True)["global_step"] == max_steps
 
 
+@pytest.mark.slow
+def test_under_ddp_the_step_a_fit_ends_at_is_saved(prepared_corpus, tmp_path: Path) -> None:
+    """Two gloo ranks through the real CLI and the shipped config: saves at 4 (periodic) and 6 (the end), not again."""
+    from tests.conftest import llmtrain
+    from tests.training.test_fit import fit_args
+
+    llmtrain(*fit_args(prepared_corpus, tmp_path, "ddp", 6, "--trainer.strategy", "ddp", "--trainer.devices", "2"))
+    folder = tmp_path / "ddp" / "checkpoints"
+    assert sorted(p.name for p in folder.iterdir()) == ["last.ckpt", "step0000004.ckpt", "step0000006.ckpt"]
+    assert (folder / "last.ckpt").resolve().name == "step0000006.ckpt"
+    assert torch.load(folder / "last.ckpt", weights_only=True)["global_step"] == 6
+
+
 # A fit whose save at step 4 blocks inside torch.save (an object that sleeps while pickled): the parent kills it
 # with SIGKILL there, the way a node failure or the end of SLURM's grace period would.
 KILLED_SAVE = r"""
