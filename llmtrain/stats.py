@@ -57,10 +57,10 @@ def t_quantile(p: float, df: float) -> float:
         return -t_quantile(1 - p, df)
     if p == 0.5:
         return 0.0
-    if math.isinf(df):
-        cdf = lambda t: 0.5 * math.erfc(-t / math.sqrt(2))  # noqa: E731 (the normal limit)
-    else:
-        cdf = lambda t: t_cdf(t, df)  # noqa: E731
+
+    def cdf(t: float) -> float:
+        return 0.5 * math.erfc(-t / math.sqrt(2)) if math.isinf(df) else t_cdf(t, df)  # inf: the normal limit
+
     low, high = 0.0, 1.0
     while cdf(high) < p:
         low, high = high, 2 * high

@@ -14,7 +14,7 @@ from torch.utils.tensorboard import SummaryWriter
 
 from llmtrain.cli import main as llmtrain_main
 from llmtrain.sweep import SweepSpec, array_ranges, expand_grid, expand_runs, sweep_main, token_budget
-from llmtrain.sweep_report import lr_sensitivity, write_sweep_report
+from llmtrain.sweep_report import lr_sensitivity
 
 REPO = Path(__file__).resolve().parents[1]
 ABLATIONS = REPO / "configs" / "ablations"
