@@ -96,7 +96,7 @@ def test_unknown_signal_name_is_refused():
 
 FAKE_SCONTROL = """#!/bin/sh
 case "$1" in
-  show) echo "JobId=$3 JobState=$FAKE_STATE Reason=$FAKE_REASON Restarts=0" ;;
+  show) echo "JobId=$3 JobState=$FAKE_STATE Reason=$FAKE_REASON Requeue=${FAKE_REQUEUE:-1} Restarts=0" ;;
   requeue) echo "$2" >> "$FAKE_CALLS"; exit "${FAKE_REQUEUE_RC:-0}" ;;
 esac
 """
@@ -108,8 +108,12 @@ esac
     (signal.SIGTERM, "COMPLETING", "TimeLimit", 0, True),  # SIGTERM at the time limit
     (signal.SIGTERM, "COMPLETING", "None", 0, False),  # plain `scancel`: the user wants it gone
     (signal.SIGUSR1, "RUNNING", "None", 1, False),  # scontrol refused
-], ids=["usr1", "term-running", "term-timelimit", "term-cancelled", "requeue-fails"])
+    (signal.SIGTERM, "COMPLETING", "TimeLimit", "no-requeue", False),  # sbatch --no-requeue (submit --no_requeue)
+], ids=["usr1", "term-running", "term-timelimit", "term-cancelled", "requeue-fails", "no-requeue-job"])
 def test_when_to_requeue(tmp_path, monkeypatch, signum, state, reason, requeue_rc, expected):
+    if requeue_rc == "no-requeue":
+        monkeypatch.setenv("FAKE_REQUEUE", "0")
+        requeue_rc = 0
     (tmp_path / "scontrol").write_text(FAKE_SCONTROL)
     (tmp_path / "scontrol").chmod(0o755)
     calls = tmp_path / "calls"
