@@ -241,6 +241,10 @@ def test_a_folder_of_code_goes_through_tokenizer_prepare_fit_and_generate(tmp_pa
     meta = read_metadata(shards)
     n_files = len(list(code.glob("*.py")))
     assert meta["splits"]["train"]["documents"] + meta["splits"]["val"]["documents"] == n_files  # file = document
+    on_the_fly = TokenDataModule(source=str(code), tokenizer=str(tok), extensions=["py"], seq_len=T,
+                                 micro_batch_size=B, num_workers=0, val_fraction=0.2)
+    on_the_fly.setup()
+    assert next(iter(on_the_fly.train_dataloader()))["input_ids"].shape == (B, T)
     fit_args = [
         "fit", "--config", str(REPO / "configs" / "quickstart.yaml"), "--trainer.max_steps", "3",
         "--trainer.val_check_interval", "3", "--trainer.limit_val_batches", "1", "--trainer.callbacks", "[]",
