@@ -14,6 +14,7 @@ from typing import Any, Optional
 
 import lightning.pytorch as pl
 import torch
+from fsspec.utils import get_protocol
 from lightning.fabric.plugins import TorchCheckpointIO
 from torch import nn
 from torch.nn.utils import get_total_norm
@@ -55,9 +56,12 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     """
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Optional[Any] = None) -> None:
+        if get_protocol(str(path)) != "file":  # s3://, gs://, ...: an object store's put is already all-or-nothing
+            super().save_checkpoint(checkpoint, path, storage_options)
+            return
         if storage_options is not None:
-            raise TypeError(f"AtomicCheckpointIO takes no storage_options (got {storage_options!r})")
-        write_atomically(Path(path), lambda f: torch.save(checkpoint, f))
+            raise TypeError(f"AtomicCheckpointIO takes no storage_options for a local path (got {storage_options!r})")
+        write_atomically(Path(str(path).removeprefix("file://")), lambda f: torch.save(checkpoint, f))
 
     def load_checkpoint(self, path: Any, map_location: Optional[Any] = None,
                         weights_only: Optional[bool] = None) -> dict[str, Any]:

@@ -16,6 +16,7 @@ import torch
 
 from llmtrain.callbacks import PeriodicCheckpoint
 from llmtrain.checkpointing.resume import newest_checkpoint
+from llmtrain.checkpointing.save import AtomicCheckpointIO
 from llmtrain.training.module import LanguageModel
 from llmtrain.training.optim import OptimConfig
 from tests.callbacks import fit, random_batches, tiny_config
@@ -300,6 +301,22 @@ def test_a_kill_during_a_save_with_tmpdir_elsewhere_leaves_nothing_behind(tmp_pa
     assert names == [".tmp.step0000004.ckpt", "last.ckpt", "step0000002.ckpt"]  # no truncated step0000004.ckpt
     assert newest_checkpoint([folder]) == folder / "last.ckpt"
     assert (folder / "last.ckpt").resolve().name == "step0000002.ckpt"
+
+
+def test_a_failed_write_keeps_the_old_file_and_a_remote_path_is_left_to_fsspec(tmp_path: Path, monkeypatch) -> None:
+    import fsspec
+
+    target = tmp_path / "step0000002.ckpt"
+    AtomicCheckpointIO().save_checkpoint({"global_step": 1}, target)
+    with pytest.raises(Exception):  # a lambda cannot be pickled: the write fails half-way
+        AtomicCheckpointIO().save_checkpoint({"global_step": 2, "bad": lambda: None}, target)
+    assert [p.name for p in tmp_path.iterdir()] == ["step0000002.ckpt"]
+    assert torch.load(target, weights_only=True) == {"global_step": 1}
+    monkeypatch.chdir(tmp_path)
+    AtomicCheckpointIO().save_checkpoint({"global_step": 3}, "memory://run/step0000003.ckpt")
+    with fsspec.open("memory://run/step0000003.ckpt", "rb") as f:
+        assert torch.load(f, weights_only=True) == {"global_step": 3}
+    assert not (tmp_path / "memory:").exists()
 
 
 def test_last_skips_and_names_every_checkpoint_that_is_not_whole(tmp_path: Path, capsys) -> None:
