@@ -25,6 +25,7 @@ TOOL_COMMANDS: dict[str, tuple[str, str]] = {
     "submit": ("llmtrain.launch", "submit_main"),
     "convert": ("llmtrain.checkpointing.convert", "convert_main"),
     "export": ("llmtrain.checkpointing.hf", "export_main"),
+    "import": ("llmtrain.checkpointing.hf_import", "import_main"),
 }
 LIGHTNING_COMMANDS = ("fit", "validate", "test")
 

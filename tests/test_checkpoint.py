@@ -1,10 +1,9 @@
-"""llmtrain.checkpoint: ZeRO / single-file conversion and Hugging Face Llama export, checked against
-transformers' LlamaForCausalLM (logits) and against the DeepSpeed engine's own fp32 weights."""
+"""llmtrain.checkpoint: ZeRO / single-file conversion, checked against the DeepSpeed engine's own fp32 weights
+(Hugging Face export and import: tests/checkpointing/test_hf.py)."""
 
 from __future__ import annotations
 
 import json
-import os
 import random
 import sys
 from dataclasses import asdict
@@ -13,15 +12,14 @@ from typing import Any, Optional
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from llmtrain.checkpointing.convert import convert_checkpoint, convert_main
-from llmtrain.checkpointing.hf import export_hf, export_main, llama_incompatibilities
+from llmtrain.checkpointing.hf import llama_incompatibilities
 from llmtrain.checkpointing.readers import CheckpointError, load_decoder, zero_world_size
 from llmtrain.model import Decoder, ModelConfig
 from llmtrain.training.module import LanguageModel
-from llmtrain.training.strategy import check_world_size
-from tests.conftest import run_deepspeed_ranks, write_corpus
+from llmtrain.checkpointing.resume import check_world_size
+from tests.conftest import run_deepspeed_ranks
 
 TINY: dict[str, Any] = dict(vocab_size=128, max_seq_len=64, d_model=64, n_layer=2, n_head=4, n_kv_head=2,
                             ffn_multiple_of=32, rope_theta=500.0, norm_eps=1e-6)
@@ -70,75 +68,6 @@ def random_decoder(config: ModelConfig, seed: int = 0) -> Decoder:
 # ----------------------------------------------------------------------------------------------- HF export
 
 
-@pytest.mark.parametrize("tie", [False, True], ids=["untied", "tied"])
-def test_export_hf_logits_match_transformers_llama(tmp_path: Path, tie: bool) -> None:
-    from transformers import LlamaForCausalLM
-
-    model = random_decoder(tiny(tie_embeddings=tie))
-    src = save_lightning_style(tmp_path / "model.ckpt", model)
-    with pytest.warns(UserWarning, match="records no tokenizer"):
-        out = export_hf(str(src), str(tmp_path / "hf"))
-
-    weights = load_file(out / "model.safetensors")
-    assert ("lm_head.weight" in weights) is not tie
-    assert {"model.embed_tokens.weight", "model.norm.weight", "model.layers.1.self_attn.k_proj.weight",
-            "model.layers.1.post_attention_layernorm.weight", "model.layers.0.mlp.gate_proj.weight"} <= set(weights)
-    assert all(t.dtype == torch.float32 for t in weights.values())
-    config = json.loads((out / "config.json").read_text())
-    assert config["num_key_value_heads"] == 2 and config["head_dim"] == 16 and config["tie_word_embeddings"] is tie
-    assert config["rope_parameters"]["rope_theta"] == 500.0 and config["rms_norm_eps"] == 1e-6
-
-    hf = LlamaForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
-    input_ids = torch.randint(0, 128, (2, 48), generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        ours = model(input_ids)
-        theirs = hf(input_ids).logits
-    diff = (ours - theirs).abs().max().item()
-    print(f"max |logits diff| ({'tied' if tie else 'untied'}): {diff:.3g}")
-    assert diff <= 1e-4
-
-
-def test_export_writes_tokenizer_that_transformers_loads(tmp_path: Path) -> None:
-    import sentencepiece as spm
-    from transformers import AutoTokenizer
-
-    texts = write_corpus(tmp_path / "texts", n_docs=40)
-    (tmp_path / "tok").mkdir()
-    spm.SentencePieceTrainer.train(input=[str(p) for p in sorted(texts.glob("*.txt"))], vocab_size=100,
-                                   model_prefix=str(tmp_path / "tok" / "tokenizer"), model_type="bpe",
-                                   byte_fallback=False, minloglevel=2)
-    sp = spm.SentencePieceProcessor(model_file=str(tmp_path / "tok" / "tokenizer.model"))
-    # The checkpoint records a tokenizer folder that no longer exists; --tokenizer overrides it.
-    src = save_lightning_style(tmp_path / "model.ckpt", random_decoder(tiny()), tokenizer=str(tmp_path / "gone"))
-    with pytest.raises(FileNotFoundError, match="pass --tokenizer"):
-        export_hf(str(src), str(tmp_path / "hf"))
-    assert export_main([str(src), "--format", "hf", "--out", str(tmp_path / "hf"),
-                        "--tokenizer", str(tmp_path / "tok")]) == 0
-
-    out = tmp_path / "hf"
-    assert (out / "tokenizer.model").read_bytes() == (tmp_path / "tok" / "tokenizer.model").read_bytes()
-    config = json.loads((out / "config.json").read_text())
-    assert (config["bos_token_id"], config["eos_token_id"]) == (sp.bos_id(), sp.eos_id())
-    hf_tokenizer = AutoTokenizer.from_pretrained(out)
-    text = "The king doth speak."
-    assert hf_tokenizer.encode(text, add_special_tokens=False) == sp.encode(text)
-    assert hf_tokenizer.decode(sp.encode(text)) == text
-
-
-def test_export_refuses_non_llama_architectures_naming_every_field(tmp_path: Path) -> None:
-    config = tiny(norm="layernorm", norm_position="post", position="alibi", ffn="gelu", bias=True, qk_norm=True,
-                  attn_logit_softcap=50.0, final_logit_softcap=30.0)
-    src = save_lightning_style(tmp_path / "model.ckpt", random_decoder(config))
-    with pytest.raises(ValueError) as error:
-        export_hf(str(src), str(tmp_path / "hf"))
-    message = str(error.value)
-    for field in ("norm='layernorm'", "norm_position='post'", "position='alibi'", "ffn='gelu'", "bias=True",
-                  "qk_norm=True", "attn_logit_softcap=50.0", "final_logit_softcap=30.0"):
-        assert field in message
-    assert "Llama needs 'pre'" in message and "Llama needs 'swiglu'" in message
-    assert not (tmp_path / "hf").exists()
-
-
 @pytest.mark.parametrize("override, field", [
     (dict(norm_position="post"), "norm_position='post'"),
     (dict(norm_position="sandwich"), "norm_position='sandwich'"),
@@ -153,14 +82,6 @@ def test_each_incompatibility_is_named_alone(override: dict[str, Any], field: st
     problems = llama_incompatibilities(tiny(**override))
     assert len(problems) == 1 and problems[0].startswith(field)
     assert llama_incompatibilities(tiny()) == []
-
-
-def test_export_refuses_a_non_empty_output_folder(tmp_path: Path) -> None:
-    src = save_lightning_style(tmp_path / "model.ckpt", random_decoder(tiny()))
-    (tmp_path / "hf").mkdir()
-    (tmp_path / "hf" / "keep.txt").write_text("mine")
-    assert export_main([str(src), "--out", str(tmp_path / "hf")]) == 1
-    assert os.listdir(tmp_path / "hf") == ["keep.txt"]
 
 
 # ----------------------------------------------------------------------------------- single-file conversion
@@ -337,21 +258,6 @@ def test_convert_zero_bf16_gives_the_fp32_master_weights(tmp_path: Path, zero_fo
         assert master.dtype == torch.float32 and torch.equal(master.bfloat16(), value), key  # bf16 = rounded master
     # ...and they are the master weights, not the bf16 copy cast back: they hold bits that bf16 drops.
     assert any(not torch.equal(state[k.removeprefix("model.")], v.float()) for k, v in engine_weights.items())
-
-
-@pytest.mark.slow
-def test_export_from_zero_folder_matches_llama(tmp_path: Path) -> None:
-    from transformers import LlamaForCausalLM
-
-    folder, engine_weights = zero_checkpoint(tmp_path, 3, 1, tiny(tie_embeddings=True))
-    with pytest.warns(UserWarning, match="records no tokenizer"):
-        out = export_hf(str(folder), str(tmp_path / "hf"))
-    decoder = Decoder(tiny(tie_embeddings=True))
-    decoder.load_state_dict({k.removeprefix("model."): v for k, v in engine_weights.items()})
-    hf = LlamaForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
-    input_ids = torch.randint(0, 128, (1, 32), generator=torch.Generator().manual_seed(2))
-    with torch.no_grad():
-        assert (decoder.eval()(input_ids) - hf(input_ids).logits).abs().max().item() <= 1e-4
 
 
 def test_convert_refuses_the_tag_folder_with_a_hint(tmp_path: Path) -> None:

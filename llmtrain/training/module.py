@@ -11,6 +11,7 @@ import lightning.pytorch as pl
 import torch
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 
+from llmtrain.checkpointing.hf_import import load_initial_weights
 from llmtrain.checkpointing.save import refuse_nonfinite_weights
 from llmtrain.compat import should_accumulate
 from llmtrain.model import ConfigError, Decoder, ModelConfig
@@ -41,6 +42,7 @@ class LanguageModel(pl.LightningModule):
         activation_checkpointing: bool = False,
         float8: bool = False,
         fuse_projections: bool = False,
+        init_from: Optional[str] = None,
     ) -> None:
         """
         Args:
@@ -59,6 +61,10 @@ class LanguageModel(pl.LightningModule):
                 and up) as one matmul on their concatenated weights, through inductor's `batch_linear_lhs` pass.
                 Parameters, checkpoints and metrics stay per projection. Off until measured on GPU
                 (docs/benchmarks.md, pending).
+            init_from: a checkpoint (file or ZeRO folder; `llmtrain import` makes one from Hugging Face) whose
+                weights the model starts from, loaded after it is built; optimizer, schedule and step start fresh.
+                Its model config must equal this one (every differing field is named). To resume a run, use
+                `fit --ckpt_path` instead.
         """
         super().__init__()
         # Plain dicts in the checkpoint, so it loads with torch.load(weights_only=True).
@@ -82,10 +88,11 @@ class LanguageModel(pl.LightningModule):
         self.activation_checkpointing = activation_checkpointing
         self.float8 = float8
         self.fuse_projections = fuse_projections
+        self.init_from = init_from
         self.save_hyperparameters({"config": asdict(config), "optim": asdict(self.optim_config),
                                    "z_loss_coef": z_loss_coef, "compile": compile, "compile_mode": compile_mode,
                                    "activation_checkpointing": activation_checkpointing, "float8": float8,
-                                   "fuse_projections": fuse_projections})
+                                   "fuse_projections": fuse_projections, "init_from": init_from})
         self.model: Optional[Decoder] = None
         self._loss_fn = self._forward_loss
         self._grad_norm: Optional[torch.Tensor] = None  # this step's, see gradient_norm()
@@ -109,6 +116,8 @@ class LanguageModel(pl.LightningModule):
 
             # The init in Decoder.__init__ wrote into already-partitioned (empty) parameters: redo it gathered.
             self.model.reset_parameters(gather=lambda params: deepspeed.zero.GatheredParameters(params, modifier_rank=0))
+        if self.init_from is not None:  # before any wrapper renames the parameters
+            load_initial_weights(self.model, self.init_from)
         if self.float8:
             convert_to_float8(self.model)
         if self.activation_checkpointing:
@@ -282,6 +291,17 @@ class LanguageModel(pl.LightningModule):
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # fit --ckpt_path on a weights file (convert, import, save_weights_only) would fail later in Lightning with a
+        # KeyError about optimizer states: say what to do instead. DeepSpeed keeps its optimizer outside this dict;
+        # without a Trainer (load_from_checkpoint) the weights are all that is needed.
+        try:
+            fitting = self.trainer.state.fn == "fit"
+        except RuntimeError:  # not attached to a Trainer
+            fitting = False
+        if fitting and "optimizer_states" not in checkpoint and self._deepspeed_engine() is None:
+            raise ConfigError("fit --ckpt_path: the checkpoint holds weights only (no optimizer state), so there is no "
+                              "run to resume. To start training from its weights with a fresh optimizer and "
+                              "schedule, pass it as --model.init_from PATH instead of --ckpt_path.")
         saved = checkpoint.get("hyper_parameters", {}).get("config")
         if saved is not None:
             check_compatible(saved, self.config)
