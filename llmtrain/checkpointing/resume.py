@@ -1,5 +1,5 @@
 """What `llmtrain fit --ckpt_path` resumes from: `last` made robust, and checkpoints the run's strategy cannot load
-refused before the run starts."""
+(another strategy, ZeRO stage family or world size) refused before anything is loaded."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ import zipfile
 from pathlib import Path
 from typing import Optional
 
-from llmtrain.checkpointing.readers import CheckpointError, UNIVERSAL_LATEST, is_universal, tag_folder
+from llmtrain.checkpointing.readers import (UNIVERSAL_LATEST, ZERO3_RANK0_MODEL_STATES, CheckpointError, is_universal,
+                                            tag_folder, zero_world_size)
 
 
 def newest_checkpoint(folders: list[Path]) -> Optional[Path]:
@@ -63,3 +64,37 @@ def refuse_checkpoint_of_another_strategy(path: Path, zero_run: bool, strategy: 
         raise SystemExit(
             f"error: --ckpt_path {path} is a single-file checkpoint (DDP or one device), but this run uses DeepSpeed "
             "ZeRO, which resumes only its own checkpoint folders: resume it without the ZeRO config")
+
+
+def check_stage(folder: Path, stage: int) -> None:
+    """Refuses a ZeRO-3 folder under ZeRO-1/2 and the reverse: their model states files differ (one per rank,
+    with partitioned parameters, under ZeRO-3), and DeepSpeed would fail on a missing file."""
+    tag_file = folder / ("latest" if (folder / "latest").is_file() else UNIVERSAL_LATEST)
+    if not folder.is_dir() or not tag_file.is_file():
+        return  # not a DeepSpeed folder: Lightning/DeepSpeed report it
+    saved_stage3 = (folder / tag_file.read_text().strip() / ZERO3_RANK0_MODEL_STATES).is_file()
+    if saved_stage3 != (stage == 3):
+        saved = "ZeRO-3" if saved_stage3 else "ZeRO-1/2"
+        raise ValueError(f"{folder}: written under {saved}, this run uses ZeRO-{stage}: resume with the stage that "
+                         f"wrote it, or `llmtrain convert {folder} model.ckpt` for its fp32 weights in one file")
+
+
+def check_world_size(folder: Path, world_size: int) -> None:
+    """Refuses, before DeepSpeed loads anything, a ZeRO checkpoint written by another number of ranks: its
+    optimizer state is partitioned per rank, and DeepSpeed cannot re-partition it (it raises only after loading
+    the model states; ZeRO-3 fails on missing shard files). A DDP checkpoint holds whole tensors and resumes on
+    any world size."""
+    saved = zero_world_size(folder)
+    if saved is not None and saved != world_size:
+        raise ValueError(
+            f"{folder}: this ZeRO checkpoint was written by {saved} ranks, this run has {world_size}. ZeRO "
+            f"partitions the optimizer state per rank and cannot resume on another world size: resume with "
+            f"trainer.devices x trainer.num_nodes = {saved}, or convert it once to DeepSpeed's universal "
+            f"checkpoint, which resumes on any world size: `llmtrain convert --universal {folder} "
+            f"{universal_path(folder)}`, then --ckpt_path that "
+            "folder (or set trainer.strategy.init_args.reshard_on_resume=true to have it done on resume).")
+
+
+def universal_path(folder: Path) -> Path:
+    """Where the universal copy of a ZeRO folder goes: beside it, `step0000100.ckpt` -> `step0000100-universal.ckpt`."""
+    return folder.with_name(folder.name.removesuffix(".ckpt") + "-universal.ckpt")

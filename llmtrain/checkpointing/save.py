@@ -2,13 +2,15 @@
 
 Every save of a fit (periodic, preemption, end of fit) goes through Lightning's `trainer.save_checkpoint`, which
 calls LanguageModel.on_save_checkpoint (the finiteness check, before anything is written) and then the strategy's
-CheckpointIO (AtomicCheckpointIO for single files; ZeroStrategy renames whole folders into place).
+CheckpointIO (AtomicCheckpointIO for single files; ZeroStrategy writes a staging folder on every rank and rank 0
+moves it into place with replace_folder).
 """
 
 from __future__ import annotations
 
 import math
 import os
+import shutil
 from pathlib import Path
 from typing import Any, Optional
 
@@ -91,3 +93,18 @@ def fsync_folder(folder: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def replace_folder(staging: Path, final: Path) -> None:
+    """Moves `staging` to `final`; at every instant one whole version exists under `final` or `.old.<final>`."""
+    previous = final.with_name(f".old.{final.name}")
+    if previous.exists():
+        shutil.rmtree(previous)
+    if final.is_symlink():
+        final.unlink()
+    elif final.exists():
+        os.replace(final, previous)
+    os.replace(staging, final)
+    fsync_folder(final.parent)
+    if previous.exists():
+        shutil.rmtree(previous)

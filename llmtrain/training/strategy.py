@@ -9,7 +9,6 @@ gradient clipping to the DeepSpeed config from the Trainer's own arguments.
 from __future__ import annotations
 
 import logging
-import os
 import shutil
 from pathlib import Path
 from typing import Any, Optional
@@ -19,8 +18,10 @@ from lightning.pytorch.strategies import DeepSpeedStrategy
 from lightning.pytorch.utilities import rank_zero_warn
 
 from llmtrain.checkpointing.convert import convert_to_universal
-from llmtrain.checkpointing.readers import (UNIVERSAL_LATEST, ZERO3_RANK0_MODEL_STATES, CheckpointError, is_universal,
-                                            verify_deepspeed_folder, zero_world_size)
+from llmtrain.checkpointing.readers import (UNIVERSAL_LATEST, CheckpointError, is_universal, verify_deepspeed_folder,
+                                            zero_world_size)
+from llmtrain.checkpointing.resume import check_stage, check_world_size, universal_path
+from llmtrain.checkpointing.save import replace_folder
 from llmtrain.compat import deepspeed_loads_universal
 
 ZERO_STAGES = (1, 2, 3)
@@ -172,11 +173,6 @@ class ZeroStrategy(DeepSpeedStrategy):
         return target
 
 
-def universal_path(folder: Path) -> Path:
-    """Where the universal copy of a ZeRO folder goes: beside it, `step0000100.ckpt` -> `step0000100-universal.ckpt`."""
-    return folder.with_name(folder.name.removesuffix(".ckpt") + "-universal.ckpt")
-
-
 def place_adam_steps(optimizer: Optional[torch.optim.Optimizer]) -> None:
     """DeepSpeed's universal loader puts each group's `step` back as it was saved, on the CPU; torch's fused and
     capturable AdamW keep it as an fp32 tensor on the parameter's device and refuse it elsewhere (measured on an
@@ -194,46 +190,3 @@ def place_adam_steps(optimizer: Optional[torch.optim.Optimizer]) -> None:
 
 def _older(a: Path, b: Path) -> bool:
     return a.stat().st_mtime_ns < b.stat().st_mtime_ns
-
-
-def check_stage(folder: Path, stage: int) -> None:
-    """Refuses a ZeRO-3 folder under ZeRO-1/2 and the reverse: their model states files differ (one per rank,
-    with partitioned parameters, under ZeRO-3), and DeepSpeed would fail on a missing file."""
-    tag_file = folder / ("latest" if (folder / "latest").is_file() else UNIVERSAL_LATEST)
-    if not folder.is_dir() or not tag_file.is_file():
-        return  # not a DeepSpeed folder: Lightning/DeepSpeed report it
-    saved_stage3 = (folder / tag_file.read_text().strip() / ZERO3_RANK0_MODEL_STATES).is_file()
-    if saved_stage3 != (stage == 3):
-        saved = "ZeRO-3" if saved_stage3 else "ZeRO-1/2"
-        raise ValueError(f"{folder}: written under {saved}, this run uses ZeRO-{stage}: resume with the stage that "
-                         f"wrote it, or `llmtrain convert {folder} model.ckpt` for its fp32 weights in one file")
-
-
-def check_world_size(folder: Path, world_size: int) -> None:
-    """Refuses, before DeepSpeed loads anything, a ZeRO checkpoint written by another number of ranks: its
-    optimizer state is partitioned per rank, and DeepSpeed cannot re-partition it (it raises only after loading
-    the model states; ZeRO-3 fails on missing shard files). A DDP checkpoint holds whole tensors and resumes on
-    any world size."""
-    saved = zero_world_size(folder)
-    if saved is not None and saved != world_size:
-        raise ValueError(
-            f"{folder}: this ZeRO checkpoint was written by {saved} ranks, this run has {world_size}. ZeRO "
-            f"partitions the optimizer state per rank and cannot resume on another world size: resume with "
-            f"trainer.devices x trainer.num_nodes = {saved}, or convert it once to DeepSpeed's universal "
-            f"checkpoint, which resumes on any world size: `llmtrain convert --universal {folder} "
-            f"{universal_path(folder)}`, then --ckpt_path that "
-            "folder (or set trainer.strategy.init_args.reshard_on_resume=true to have it done on resume).")
-
-
-def replace_folder(staging: Path, final: Path) -> None:
-    """Moves `staging` to `final`; at every instant one whole version exists under `final` or `.old.<final>`."""
-    previous = final.with_name(f".old.{final.name}")
-    if previous.exists():
-        shutil.rmtree(previous)
-    if final.is_symlink():
-        final.unlink()
-    elif final.exists():
-        os.replace(final, previous)
-    os.replace(staging, final)
-    if previous.exists():
-        shutil.rmtree(previous)

@@ -16,7 +16,8 @@ import torch
 
 from llmtrain.checkpointing.convert import convert_main, convert_to_universal
 from llmtrain.checkpointing.readers import CheckpointError, is_universal, load_consolidated
-from llmtrain.training.strategy import ZeroStrategy, check_stage, place_adam_steps
+from llmtrain.checkpointing.resume import check_stage
+from llmtrain.training.strategy import ZeroStrategy, place_adam_steps
 from tests.conftest import run_deepspeed_ranks
 from tests.test_checkpoint import random_decoder, save_lightning_style, tiny
 
