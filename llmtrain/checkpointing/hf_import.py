@@ -193,14 +193,21 @@ def load_initial_weights(model: Decoder, path: str) -> None:
     """Copies the weights of checkpoint `path` into `model` (built from the same config). Under DeepSpeed ZeRO-3
     (parameters partitioned as built, deepspeed.zero.Init) each parameter is gathered, written by rank 0 and
     partitioned again, one at a time; every rank reads the whole file into CPU memory first."""
-    state = initial_weights(path, model.config)
     partitioned = [p for p in model.parameters() if hasattr(p, "ds_id")]
     if not partitioned:
-        model.load_state_dict(state, strict=True)  # names every missing or unexpected tensor
+        model.load_state_dict(initial_weights(path, model.config), strict=True)  # names every missing/extra tensor
         return
     import deepspeed
     import torch.distributed as dist
+    from deepspeed.runtime.zero.partition_parameters import restore_init_context, shutdown_init_context
 
+    # Read with zero.Init's patches off (as deepspeed.initialize does inside it): under them every module built,
+    # such as the meta Decoder that checks the file's shapes, would be partitioned and have no shapes to check.
+    shutdown_init_context()
+    try:
+        state = initial_weights(path, model.config)
+    finally:
+        restore_init_context()
     named = dict(model.named_parameters())
     if set(named) != set(state):
         raise CheckpointError(f"model.init_from={path}: parameters {sorted(set(named) ^ set(state))[:10]} are in "

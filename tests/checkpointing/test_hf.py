@@ -298,3 +298,33 @@ def test_init_from_refuses_another_config_naming_every_field(tmp_path: Path) -> 
     module = LanguageModel(tiny(n_layer=3), init_from=str(src))
     with pytest.raises(ConfigError, match="n_layer: 2 in the checkpoint, 3 in the run"):
         module.configure_model()
+
+
+# Under deepspeed.zero.Init (how ZeRO-3 builds the model) parameters are partitioned as they are made: init_from must
+# write through the partitions. Each rank gathers every parameter afterwards and compares it with the file.
+ZERO3_INIT_FROM = r"""
+import sys
+import torch, deepspeed
+from llmtrain.checkpointing.readers import load_consolidated, model_config
+from llmtrain.training.module import LanguageModel
+
+checkpoint = load_consolidated(sys.argv[1])
+deepspeed.init_distributed("gloo")
+module = LanguageModel(model_config(checkpoint), init_from=sys.argv[1])
+with deepspeed.zero.Init(config_dict_or_path={"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 3}}):
+    module.configure_model()
+assert all(p.numel() == 0 for p in module.model.parameters() if p.ds_numel > 1), "not partitioned"
+with deepspeed.zero.GatheredParameters(list(module.parameters())):
+    for name, param in module.named_parameters():
+        assert torch.equal(param, checkpoint["state_dict"][name]), name
+print("loaded", len(checkpoint["state_dict"]))
+"""
+
+
+@pytest.mark.slow
+def test_init_from_under_zero3_writes_through_the_partitions(tmp_path: Path) -> None:
+    from tests.conftest import run_deepspeed_ranks
+
+    src = save_lightning_style(tmp_path / "model.ckpt", random_decoder(tiny(qk_norm=True)))
+    outputs = run_deepspeed_ranks(ZERO3_INIT_FROM, [str(src)], world_size=2)
+    assert all("loaded 25" in output for output in outputs), outputs
