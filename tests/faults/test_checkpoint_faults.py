@@ -15,16 +15,15 @@ import pytest
 import torch
 
 from llmtrain.callbacks import PeriodicCheckpoint
+from llmtrain.checkpointing.convert import convert_checkpoint, convert_to_universal
+from llmtrain.checkpointing.hf import export_hf
+from llmtrain.checkpointing.readers import CheckpointError
 from llmtrain.checkpointing.resume import newest_checkpoint
 from llmtrain.checkpointing.save import AtomicCheckpointIO
 from llmtrain.training.module import LanguageModel
 from llmtrain.training.optim import OptimConfig
-from tests.callbacks import fit, random_batches, tiny_config
-
-from llmtrain.checkpointing.convert import convert_checkpoint, convert_to_universal
-from llmtrain.checkpointing.hf import export_hf
-from llmtrain.checkpointing.readers import CheckpointError
 from llmtrain.training.strategy import ZeroStrategy
+from tests.callbacks import fit, random_batches, tiny_config
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -138,7 +137,8 @@ def test_last_skips_a_folder_whose_latest_is_not_a_plain_folder_name(tmp_path: P
     plant(tmp_path / "step0000002.ckpt", "checkpoint", marker)
     assert newest_checkpoint([tmp_path]) == tmp_path / "step0000002.ckpt"
     err = capsys.readouterr().err
-    assert "skipping" in err and "step0000004.ckpt: " in err and "'decoy/checkpoint', which is not a plain folder" in err
+    assert "skipping" in err and "step0000004.ckpt: " in err
+    assert "'decoy/checkpoint', which is not a plain folder" in err
     assert not marker.exists()
 
 
@@ -229,7 +229,8 @@ class SaveCounter(pl.Callback):
 def test_the_step_a_fit_ends_at_is_saved_once(tmp_path: Path, max_steps: int, saved: list[int]) -> None:
     counter = SaveCounter()
     checkpoints = PeriodicCheckpoint(dirpath=str(tmp_path), every_n_steps=5, every_minutes=60, keep=3)
-    fit(LanguageModel(tiny_config(), OptimConfig(warmup_steps=1, total_steps=20)), random_batches(12), [checkpoints, counter],
+    fit(LanguageModel(tiny_config(), OptimConfig(warmup_steps=1, total_steps=20)), random_batches(12),
+        [checkpoints, counter],
         max_steps=max_steps)
     assert counter.steps == saved  # no second write of a step that was just saved
     assert (tmp_path / "last.ckpt").resolve().name == f"step{max_steps:07d}.ckpt"
@@ -273,34 +274,54 @@ class BlockTheSaveAtStep4(pl.Callback):
             checkpoint["blocker"] = Sleeper()
 
 checkpoints = PeriodicCheckpoint(dirpath=sys.argv[1], every_n_steps=2, keep=3)
-fit(LanguageModel(tiny_config(), OptimConfig(warmup_steps=1, total_steps=20)), random_batches(8), [checkpoints, BlockTheSaveAtStep4()],
+fit(LanguageModel(tiny_config(), OptimConfig(warmup_steps=1, total_steps=20)), random_batches(8),
+    [checkpoints, BlockTheSaveAtStep4()],
     max_steps=8)
 """
 
 
+class FirstStep(pl.Callback):
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.step = trainer.global_step
+
+
 def test_a_kill_during_a_save_with_tmpdir_elsewhere_leaves_nothing_behind(tmp_path: Path) -> None:
     tmpdir = Path(tempfile.mkdtemp(dir="/dev/shm")) if Path("/dev/shm").is_dir() else None
-    if tmpdir is None or tmpdir.stat().st_dev == tmp_path.stat().st_dev:
-        pytest.skip("no second filesystem (/dev/shm) to put TMPDIR on")
-    folder = tmp_path / "checkpoints"
-    env = {**os.environ, "TMPDIR": str(tmpdir), "PYTHONPATH": str(REPO)}
-    proc = subprocess.Popen([sys.executable, "-c", KILLED_SAVE, str(folder), str(REPO)], env=env, cwd=tmp_path,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    output = []
     try:
-        for line in proc.stdout:
-            output.append(line)
-            if line.startswith("SAVING"):
-                break
+        if tmpdir is None or tmpdir.stat().st_dev == tmp_path.stat().st_dev:
+            pytest.skip("no second filesystem (/dev/shm) to put TMPDIR on")
+        folder = tmp_path / "checkpoints"
+        env = {**os.environ, "TMPDIR": str(tmpdir), "PYTHONPATH": str(REPO)}
+        proc = subprocess.Popen([sys.executable, "-c", KILLED_SAVE, str(folder), str(REPO)], env=env, cwd=tmp_path,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        output = []
+        try:
+            for line in proc.stdout:
+                output.append(line)
+                if line.startswith("SAVING"):
+                    break
+        finally:
+            proc.kill()  # SIGKILL inside torch.save of step 4 (or, if the test failed first, wherever it is)
+            proc.wait(timeout=60)
         assert output and output[-1].startswith("SAVING"), "".join(output)[-3000:]
-        proc.kill()  # SIGKILL inside torch.save of step 4
+        assert sorted(p.name for p in tmpdir.iterdir()) == [], "the save left files in TMPDIR"
     finally:
-        proc.wait(timeout=60)
-    assert sorted(p.name for p in tmpdir.iterdir()) == [], "the save left files in TMPDIR"
+        if tmpdir is not None:
+            shutil.rmtree(tmpdir)
     names = sorted(p.name for p in folder.iterdir())
     assert names == [".tmp.step0000004.ckpt", "last.ckpt", "step0000002.ckpt"]  # no truncated step0000004.ckpt
     assert newest_checkpoint([folder]) == folder / "last.ckpt"
     assert (folder / "last.ckpt").resolve().name == "step0000002.ckpt"
+    # --ckpt_path last resumes from the newest whole checkpoint, and saving step 4 again clears the stale temp file.
+    first = FirstStep()
+    trainer = pl.Trainer(accelerator="cpu", max_steps=4, logger=False, enable_progress_bar=False,
+                         enable_model_summary=False,
+                         callbacks=[PeriodicCheckpoint(dirpath=str(folder), every_n_steps=2, keep=3), first])
+    trainer.fit(LanguageModel(tiny_config(), OptimConfig(warmup_steps=1, total_steps=20)),
+                torch.utils.data.DataLoader(random_batches(8), batch_size=None),
+                ckpt_path=str(newest_checkpoint([folder])), weights_only=True)
+    assert first.step == 2 and trainer.global_step == 4
+    assert sorted(p.name for p in folder.iterdir()) == ["last.ckpt", "step0000002.ckpt", "step0000004.ckpt"]
 
 
 def test_a_failed_write_keeps_the_old_file_and_a_remote_path_is_left_to_fsspec(tmp_path: Path, monkeypatch) -> None:
