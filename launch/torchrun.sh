@@ -13,9 +13,12 @@
 #   RUN_ID          the same string on every node of one run, different for two runs sharing MASTER_ADDR [llmtrain]
 #   PYTHON          the Python that has llmtrain installed [python3]
 # Arguments are passed to `llmtrain fit` (--config first); --trainer.num_nodes and --trainer.devices are set after
-# them from NNODES and NPROC_PER_NODE. Stopping: SIGTERM to torchrun reaches every process; with
-# --trainer.callbacks+=llmtrain.callbacks.preemption.PreemptionCheckpoint they save last.ckpt first
-# (resume with --ckpt_path last).
+# them from NNODES and NPROC_PER_NODE.
+#
+# Stopping: send SIGTERM or SIGUSR1 to this script. It passes the signal to the training processes of this node,
+# which (PreemptionCheckpoint, on in the shipped configs) save last.ckpt at the next step boundary and exit.
+# Exit status, as for `llmtrain fit` alone and the sbatch template: 0 finished; 143 (SIGTERM) or 138 (SIGUSR1)
+# saved, resumable (rerun with --ckpt_path last); anything else failed.
 set -euo pipefail
 
 PYTHON=${PYTHON:-python3}
@@ -41,7 +44,34 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 export TORCH_NCCL_ASYNC_ERROR_HANDLING=1  # a dead rank fails the run instead of hanging the others
 export NCCL_DEBUG=${NCCL_DEBUG:-WARN}
 
-exec "$PYTHON" -m torch.distributed.run \
+# Why not `exec torchrun`: torchrun exits 1 whenever a process fails, a preempted one included, and on a SIGTERM of
+# its own it gives the processes 30 s before SIGKILL, which a large save can exceed; SIGUSR1 kills it outright. So
+# this script stays in front, hands signals to torchrun's children (the training processes), and turns torchrun's
+# 1 back into their status when every process that failed exited 143, or every one 138 (its summary: "exitcode : N").
+summary=$(mktemp)
+trap 'rm -f "$summary"' EXIT
+exec 3> >(tee "$summary" >&2)
+tee_pid=$!
+"$PYTHON" -m torch.distributed.run \
   --nnodes="$NNODES" --nproc_per_node="$NPROC_PER_NODE" \
   --rdzv_backend=c10d --rdzv_endpoint="$MASTER_ADDR:$MASTER_PORT" --rdzv_id="$RUN_ID" \
-  -m llmtrain.cli fit "$@" --trainer.num_nodes "$NNODES" --trainer.devices "$NPROC_PER_NODE"
+  -m llmtrain.cli fit "$@" --trainer.num_nodes "$NNODES" --trainer.devices "$NPROC_PER_NODE" 2>&3 &
+launcher=$!
+trap "pkill -TERM -P $launcher || true" TERM
+trap "pkill -USR1 -P $launcher || true" USR1
+# Ctrl-C: background jobs of a script start with SIGINT ignored, so the processes are asked to save and stop instead.
+trap "pkill -TERM -P $launcher || true" INT
+while :; do
+  status=0
+  wait "$launcher" || status=$?
+  kill -0 "$launcher" 2>/dev/null || break  # still running: a trapped signal only interrupted the wait
+done
+exec 3>&-
+wait "$tee_pid" 2>/dev/null || true
+if [ "$status" -ne 0 ]; then
+  codes=$(sed -n 's/^ *exitcode *: *\([0-9-]*\).*/\1/p' "$summary" | sort -u)
+  if [ "$codes" = 143 ] || [ "$codes" = 138 ]; then
+    status=$codes
+  fi
+fi
+exit "$status"

@@ -48,9 +48,10 @@ def fit_command(corpus: dict[str, Path], root: Path, steps: int, *extra: str) ->
     ]
 
 
-def run_until_signalled(command: list[str], signum: int, after_step: int, log: Path) -> tuple[int, list[int], str]:
+def run_until_signalled(command: list[str], signum: int, after_step: int, log: Path,
+                        **env_values: str) -> tuple[int, list[int], str]:
     """Starts `command`, sends `signum` once it has printed `step after_step`; (status, steps printed, stderr)."""
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", **env_values}
     for name in [n for n in env if n.startswith("SLURM_")]:
         del env[name]
     stderr = log.open("w")  # a file, not a pipe: a full pipe would block the run while the test reads stdout
@@ -94,3 +95,14 @@ def test_signal_saves_last_exits_resumable_and_resume_continues(prepared_corpus,
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert [int(m[1]) for m in map(STEP_LINE.match, resumed.stdout.splitlines()) if m] == [reached + 1, reached + 2]
     assert torch.load(last, weights_only=True)["global_step"] == reached + 2
+
+
+def test_torchrun_script_passes_the_signal_on_and_exits_with_the_processes_status(prepared_corpus, tmp_path: Path):
+    command = fit_command(prepared_corpus, tmp_path, 1000)
+    script = [str(REPO / "launch" / "torchrun.sh"), *command[command.index("fit") + 1:]]
+    status, steps, stderr = run_until_signalled(script, signal.SIGTERM, after_step=3, log=tmp_path / "stderr.txt",
+                                                PYTHON=sys.executable)
+    assert status == 143, f"exit status {status}:\n{stderr[-3000:]}"
+    last = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    assert torch.load(last, weights_only=True)["global_step"] == steps[-1]
+    assert f"saved {last}" in stderr and "exit status 143 (saved, resumable)" in stderr
