@@ -166,6 +166,10 @@ def import_main(argv: list[str]) -> int:
         print(f"llmtrain import: error: {error}", file=sys.stderr)
         return 1
     print(out)
+    config = torch.load(out, map_location="cpu", weights_only=True, mmap=True)["hyper_parameters"]["config"]
+    overrides = " ".join(f"--model.config.{k} {json.dumps(v)}" for k, v in config.items()
+                         if v is not None and k not in INIT_FROM_FREE_FIELDS)
+    print(f"continue pretraining from it with: llmtrain fit ... --model.init_from {out} {overrides}", file=sys.stderr)
     return 0
 
 

@@ -118,7 +118,9 @@ def test_export_tokenizer_encodes_and_decodes_exactly_as_sentencepiece(tmp_path:
     from transformers import LlamaTokenizer
 
     llama = LlamaTokenizer(vocab_file=str(tokenizer_dir / "tokenizer.model"))
-    assert sum(llama.encode(text, add_special_tokens=False) != ids for text, ids in encoded) > len(texts) // 2
+    differing = sum(llama.encode(text, add_special_tokens=False) != ids for text, ids in encoded)
+    print(f"transformers' LlamaTokenizer conversion: {differing} of {len(texts)} texts with other ids")
+    assert differing > len(texts) // 2
 
 
 def test_export_refuses_a_tokenizer_it_cannot_reproduce(tmp_path: Path) -> None:
