@@ -141,3 +141,22 @@ def test_submit_adds_the_callback_only_to_a_config_without_it(tmp_path):
     assert render(SlurmJob(configs=[bare], workdir=tmp_path)).count(added) == 1
     shipped = Path(__file__).resolve().parents[2] / "configs" / "quickstart.yaml"
     assert added not in render(SlurmJob(configs=[shipped], workdir=tmp_path))
+
+
+class SignalAtSanityCheck(Callback):
+    """SIGTERM while the Trainer's own handler is installed too (after it registered, before training starts)."""
+
+    def on_sanity_check_start(self, trainer, pl_module) -> None:
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+def test_sigterm_before_training_starts_saves_at_the_first_step_and_never_exits_0(tmp_path, capfd):
+    checkpoints = tmp_path / "checkpoints"
+    with pytest.raises(SIGTERMException) as stopped:
+        Trainer(default_root_dir=tmp_path, max_steps=10, accelerator="cpu", devices=1, logger=False,
+                enable_progress_bar=False, enable_model_summary=False, limit_val_batches=1,
+                callbacks=[ModelCheckpoint(dirpath=checkpoints, save_last=True), PreemptionCheckpoint(),
+                           SignalAtSanityCheck()]).fit(BoringModel())
+    assert stopped.value.code == 143  # Lightning's own SIGTERM exit carries no code: status 0
+    assert torch.load(checkpoints / "last.ckpt", weights_only=True)["global_step"] == 1
+    assert "exit status 143 (saved, resumable)" in capfd.readouterr().err
