@@ -12,7 +12,8 @@ import warnings
 from pathlib import Path
 from typing import Optional
 
-from llmtrain.checkpointing.hf_arch import hf_architecture, hf_config_dict, hf_state_dict, incompatibilities
+from llmtrain.checkpointing.hf_arch import (hf_architecture, hf_config_dict, hf_state_dict, incompatibilities,
+                                            llama_width_problems)
 from llmtrain.checkpointing.hf_tokenizer import write_hf_tokenizer
 from llmtrain.checkpointing.readers import CheckpointError, load_consolidated, model_config
 from llmtrain.model import ModelConfig
@@ -25,6 +26,7 @@ def llama_incompatibilities(config: ModelConfig) -> list[str]:
     that Qwen3ForCausalLM holds (export picks it then)."""
     problems = incompatibilities(config)
     if config.qk_norm:
+        problems += llama_width_problems(config)
         problems.append("qk_norm=True (Llama attention has no q/k norm; Qwen3ForCausalLM has it, and export "
                         "writes that)")
     return problems

@@ -53,13 +53,20 @@ REQUIREMENTS: dict[str, tuple[Any, str, str]] = {
 
 def incompatibilities(config: ModelConfig) -> list[str]:
     """Every field of `config` that neither LlamaForCausalLM nor Qwen3ForCausalLM holds, as 'field=value (why;
-    where in transformers such a switch exists)'."""
+    where in transformers such a switch exists)'. Width: Qwen3 is picked with qk_norm, and only Llama needs it."""
     problems = [f"{field}={getattr(config, field)!r} (Llama and Qwen3 need {needed!r}: {why}; {where})"
                 for field, (needed, why, where) in REQUIREMENTS.items() if getattr(config, field) != needed]
-    if config.d_model % config.n_head != 0:
-        problems.append(f"d_model={config.d_model} with n_head={config.n_head} (transformers' LlamaConfig and "
-                        "Qwen3Config need hidden_size divisible by num_attention_heads, whatever head_dim is)")
-    return problems
+    return problems + ([] if config.qk_norm else llama_width_problems(config))
+
+
+def llama_width_problems(config: ModelConfig) -> list[str]:
+    """transformers' LlamaConfig refuses hidden_size % num_attention_heads != 0 even with an explicit head_dim
+    (Qwen3Config does not)."""
+    if config.d_model % config.n_head == 0:
+        return []
+    return [f"d_model={config.d_model} with n_head={config.n_head} (transformers' LlamaConfig needs hidden_size "
+            "divisible by num_attention_heads, whatever head_dim is; Qwen3Config does not, but export picks Qwen3 "
+            "only for qk_norm)"]
 
 
 def hf_architecture(config: ModelConfig) -> HFArchitecture:

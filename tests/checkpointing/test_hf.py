@@ -28,7 +28,8 @@ from llmtrain.training.optim import OptimConfig
 from tests.conftest import REPO, write_corpus
 from tests.test_checkpoint import random_decoder, save_lightning_style, tiny, zero_checkpoint
 
-ARCHITECTURES = {"llama": dict(), "llama-tied": dict(tie_embeddings=True), "qwen3": dict(qk_norm=True)}
+ARCHITECTURES = {"llama": dict(), "llama-tied": dict(tie_embeddings=True), "qwen3": dict(qk_norm=True),
+                 "qwen3-width": dict(qk_norm=True, d_model=66, head_dim=16)}  # d_model % n_head != 0: Qwen3 only
 
 # What the exported tokenizer is held to: whitespace at every position, tabs, newlines, unicode, characters only
 # byte fallback can spell, the special tokens' own spellings, and whole files of code and prose (below).
@@ -83,6 +84,7 @@ def test_export_logits_match_transformers(tmp_path: Path, arch: str) -> None:
     hf_config = json.loads((out / "config.json").read_text())
     assert hf_config["architectures"] == ["Qwen3ForCausalLM" if config.qk_norm else "LlamaForCausalLM"]
     assert hf_config["num_key_value_heads"] == 2 and hf_config["head_dim"] == 16
+    assert hf_config["hidden_size"] == config.d_model
     assert hf_config["tie_word_embeddings"] is config.tie_embeddings
     assert hf_config["rope_parameters"]["rope_theta"] == 500.0 and hf_config["rms_norm_eps"] == 1e-6
     diff = logits_diff(model, out, config.vocab_size)
