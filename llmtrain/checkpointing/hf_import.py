@@ -50,7 +50,7 @@ def hf_model_config(hf: dict[str, Any], source: str) -> tuple[ModelConfig, HFArc
                               f"{', '.join(repr(t) for t in ARCHITECTURES)} (LlamaForCausalLM, Qwen3ForCausalLM)")
     problems = [f"{field}={hf[field]!r} ({why}; needs {needed!r})" for field, (needed, why) in REQUIRED_VALUES.items()
                 if field in hf and hf[field] != needed]
-    if arch.model_type == "qwen3" and hf.get("use_sliding_window") is False and hf.get("sliding_window") is not None:
+    if not hf.get("use_sliding_window", False) and hf.get("sliding_window") is not None:
         problems = [p for p in problems if not p.startswith("sliding_window=")]  # set but switched off: harmless
     layer_types = set(hf.get("layer_types") or ["full_attention"])
     if layer_types != {"full_attention"}:

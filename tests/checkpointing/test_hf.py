@@ -212,6 +212,29 @@ def hf_llama_folder(folder: Path, vocab_size: int = 128, **config: Any) -> Path:
     return folder
 
 
+def test_import_a_qwen3_written_by_transformers_matches_its_logits(tmp_path: Path) -> None:
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    torch.manual_seed(0)
+    # Qwen3's published configs carry a sliding_window size with use_sliding_window off: imported as full attention.
+    hf = Qwen3ForCausalLM(Qwen3Config(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, head_dim=24,
+                                      max_position_embeddings=64, sliding_window=32, use_sliding_window=False,
+                                      tie_word_embeddings=True)).eval()
+    with torch.no_grad():  # norms away from 1, so a q_norm/k_norm mix-up would show
+        for name, param in hf.named_parameters():
+            if "norm" in name:
+                param.uniform_(0.5, 1.5)
+    hf.save_pretrained(tmp_path / "hf")
+    decoder, _ = load_decoder(str(import_hf(str(tmp_path / "hf"), str(tmp_path / "qwen3.ckpt"))))
+    assert decoder.config.qk_norm and decoder.config.tie_embeddings and decoder.config.head_dim == 24
+    input_ids = torch.randint(0, 128, (2, 40), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        diff = (decoder.eval()(input_ids) - hf(input_ids).logits).abs().max().item()
+    print(f"max |logits diff| (Qwen3 from transformers, imported): {diff:.3g}")
+    assert diff <= 1e-4
+
+
 def edit_config(folder: Path, **fields: Any) -> Path:
     config = json.loads((folder / "config.json").read_text())
     (folder / "config.json").write_text(json.dumps({**config, **fields}))
