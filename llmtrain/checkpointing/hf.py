@@ -101,7 +101,8 @@ def export_main(argv: list[str]) -> int:
                     "other architectures, and a tokenizer that would not encode and decode exactly as "
                     "sentencepiece, are refused with the reasons.")
     parser.add_argument("src", help="a ZeRO or universal checkpoint folder, or a .ckpt file")
-    parser.add_argument("--format", choices=["hf"], default="hf", help="output format (hf: LlamaForCausalLM or Qwen3ForCausalLM)")
+    parser.add_argument("--format", choices=["hf"], default="hf",
+                        help="output format (hf: LlamaForCausalLM or Qwen3ForCausalLM)")
     parser.add_argument("--out", required=True, help="output folder (must not exist or be empty)")
     parser.add_argument("--tokenizer", default=None,
                         help="tokenizer folder or .model file, or 'none' for no tokenizer; default: the one "

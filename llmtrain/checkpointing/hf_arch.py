@@ -64,9 +64,9 @@ def llama_width_problems(config: ModelConfig) -> list[str]:
     (Qwen3Config does not)."""
     if config.d_model % config.n_head == 0:
         return []
-    return [f"d_model={config.d_model} with n_head={config.n_head} (transformers' LlamaConfig needs hidden_size "
-            "divisible by num_attention_heads, whatever head_dim is; Qwen3Config does not, but export picks Qwen3 "
-            "only for qk_norm)"]
+    return [(f"d_model={config.d_model} with n_head={config.n_head} (transformers' LlamaConfig needs hidden_size "
+             "divisible by num_attention_heads, whatever head_dim is; Qwen3Config does not, but export picks Qwen3 "
+             "only for qk_norm)")]
 
 
 def hf_architecture(config: ModelConfig) -> HFArchitecture:

@@ -1,5 +1,6 @@
-"""Weights into llmtrain: `llmtrain import HF_DIR OUT.ckpt` turns a local Hugging Face Llama or Qwen3 checkpoint (config.json + safetensors) as
-an llmtrain weights file, from which `llmtrain fit --model.init_from OUT.ckpt` continues pretraining.
+"""Weights into llmtrain. `llmtrain import HF_DIR OUT.ckpt` writes a local Hugging Face Llama or Qwen3 checkpoint
+(config.json + safetensors) as an llmtrain weights file, from which `llmtrain fit --model.init_from OUT.ckpt`
+continues pretraining.
 
 The file is a consolidated checkpoint (llmtrain/checkpointing/readers.py): fp32 `state_dict` under the Decoder's
 names, `hyper_parameters['config']` (the ModelConfig), `llmtrain['imported_from']`; no optimizer or loop state.
