@@ -1,17 +1,29 @@
-"""The `llmtrain` console script: Lightning's fit/validate/test on LightningCLI, plus the tool commands."""
+"""The `llmtrain` console script: Lightning's fit/validate/test on LightningCLI, plus the tool commands.
+
+Errors of the user's making (a bad config value, a missing data folder, a checkpoint that does not fit) end in one
+`error: ...` line and exit code 1 (2 for a bad command line); LLMTRAIN_DEBUG=1 shows their traceback as well.
+"""
 
 from __future__ import annotations
 
+import difflib
 import importlib
 import os
+import re
+import shutil
 import sys
+import traceback
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Any, Callable, NoReturn, Optional
 
-from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.callbacks import ProgressBar
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.strategies import DeepSpeedStrategy
 
 from llmtrain.checkpointing.resume import newest_checkpoint, refuse_checkpoint_of_another_strategy
+
+DEBUG_VARIABLE = "LLMTRAIN_DEBUG"
 
 # Tool commands: name -> (module, function taking argv[1:] and returning an exit code). Imported lazily so
 # that `llmtrain fit` does not pay for them.
@@ -28,10 +40,125 @@ TOOL_COMMANDS: dict[str, tuple[str, str]] = {
     "import": ("llmtrain.checkpointing.hf_import", "import_main"),
 }
 LIGHTNING_COMMANDS = ("fit", "validate", "test")
+# One line per command for `llmtrain --help` (tests/test_cli.py checks that every command has one).
+PURPOSES: dict[str, str] = {
+    "fit": "train a model from a config, or resume a run (--ckpt_path last)",
+    "validate": "validation loss of a checkpoint (--ckpt_path) on the data's validation split",
+    "test": "the same on the test split",
+    "tokenizer": "train a sentencepiece BPE tokenizer on a corpus (llmtrain tokenizer train ...)",
+    "prepare": "tokenize a corpus into the token shards that fit reads",
+    "verify": "check every shard of a prepared folder against the sha256 that prepare recorded",
+    "generate": "sample text from a checkpoint",
+    "report": "PNG curves and a summary table from runs' TensorBoard logs (and sweep verdicts)",
+    "sweep": "expand an ablation spec into runs and run them, locally or as a SLURM array",
+    "submit": "submit a fit to SLURM for N nodes x G GPUs (requeued and resumed on preemption)",
+    "convert": "a ZeRO folder or DDP checkpoint -> one fp32 file, or a universal checkpoint",
+    "export": "a checkpoint -> a Hugging Face folder (Llama, or Qwen3 with qk_norm; safetensors + tokenizer)",
+    "import": "a local Hugging Face Llama or Qwen3 folder -> an llmtrain weights file to continue pretraining",
+}
+# The subcommand parser's usage line: jsonargparse's own lists all ~300 options before the help even starts.
+FIT_USAGE = "llmtrain {command} [--config FILE ...] [--SECTION.FIELD VALUE ...] [--print_config]"
+
+
+class UsageError(Exception):
+    """A command line the parser refused; main() prints it as one line with a suggestion."""
+
+
+class LLMTrainParser(LightningArgumentParser):
+    """Raises UsageError instead of printing the whole usage (hundreds of lines) above the one line that matters."""
+
+    def error(self, message: str, ex: Optional[Exception] = None) -> NoReturn:
+        if not self.exit_on_error:  # jsonargparse catches these itself (e.g. trying each type of a Union)
+            super().error(message, ex)
+        raise UsageError(_usage_message(message, getattr(ex, "subcommand_parser", None) or self)) from ex
+
+
+def _usage_message(message: str, parser: LightningArgumentParser) -> str:
+    """jsonargparse's message in one line; a did-you-mean for an unknown option, the choices for a bad one."""
+    literal = re.search(r"Expected a typing\.Literal\[(.*?)\]\. Got value: ([^\n]*)", message)
+    if literal:
+        choices, value = literal.groups()
+        # Nested groups name their part of the key each ('Parser key "model.optim": ... Parser key "schedule"').
+        key = ".".join(re.findall(r'Parser key "([^"]+)"', message[:literal.start()]))
+        names = re.findall(r"'([^']*)'", choices)
+        return f"{key}={value.strip()!r} is invalid: choose one of {', '.join(names)}"
+    unknown = re.match(r"unrecognized arguments: (.*)", message, re.S)
+    if unknown:
+        options = [o for a in parser._actions for o in a.option_strings if o.startswith("--")]
+        hints = []
+        for given in unknown.group(1).split():
+            if given.startswith("--"):
+                close = difflib.get_close_matches(given.split("=")[0], options, n=1, cutoff=0.75)
+                if close:
+                    hints.append(f"did you mean {close[0]}?")
+        return " ".join([f"unrecognized arguments: {unknown.group(1)}", *hints])
+    return " ".join(message.split())
+
+
+class _TrainingWatch(Callback):
+    """Notes whether the fit loop started at all: Lightning skips it silently when a resumed run is finished."""
+
+    started = False
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self.started = True
 
 
 class LLMTrainCLI(LightningCLI):
     """LightningCLI for LanguageModel + TokenDataModule, with the run config stored in every checkpoint."""
+
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        """fit, validate, test: LanguageModel has no predict_step, so `predict` is not offered."""
+        return {name: skip for name, skip in LightningCLI.subcommands().items() if name in LIGHTNING_COMMANDS}
+
+    def before_instantiate_classes(self) -> None:
+        """A GPU config on a machine without one fails here, in one line, not deep inside the Trainer."""
+        accelerator = self._get(self.config, "trainer").get("accelerator")
+        if accelerator in ("gpu", "cuda") and not _has_cuda():
+            from llmtrain.model.config import ConfigError
+
+            raise ConfigError(f"trainer.accelerator={accelerator!r} needs a CUDA GPU, and this machine has none: "
+                              "on CPU use configs/quickstart.yaml, or add --trainer.accelerator cpu "
+                              "--trainer.precision 32-true --trainer.devices 1")
+
+    def instantiate_trainer(self, **kwargs: Any) -> Trainer:
+        """Progress in optimizer steps (StepProgress) unless the config turns the bar off or brings its own."""
+        from llmtrain.callbacks.progress import StepProgress
+
+        trainer_config = self._get(self.config_init, "trainer", default={})
+        configured = trainer_config.get("callbacks") or []
+        if trainer_config.get("enable_progress_bar") is not False and not any(
+                isinstance(c, ProgressBar) for c in configured):
+            kwargs["callbacks"] = [*configured, StepProgress()]
+        return super().instantiate_trainer(**kwargs)
+
+    def fit(self, model: LightningModule, **kwargs: Any) -> None:
+        """trainer.fit, removing the run folder a failed start created, and saying when a resume had nothing to do."""
+        created = _first_missing(Path(self.trainer.log_dir)) if self.trainer.log_dir else None
+        watch = _TrainingWatch()
+        self.trainer.callbacks.append(watch)
+        try:
+            self.trainer.fit(model, **kwargs)
+        except Exception:
+            if created is not None and self.trainer.global_step == 0 and self.trainer.is_global_zero and not any(
+                    created.rglob("*.ckpt")):
+                shutil.rmtree(created, ignore_errors=True)  # a config.yaml and an empty events file: no run
+            raise
+        if kwargs.get("ckpt_path") and not watch.started and self.trainer.is_global_zero:
+            self._say_the_run_is_finished(kwargs["ckpt_path"])
+
+    def _say_the_run_is_finished(self, ckpt_path: str) -> None:
+        trainer = self.trainer
+        if not 0 < trainer.max_steps <= trainer.global_step:
+            return
+        schedules = [getattr(c.scheduler, "lr_lambdas", [None])[0] for c in trainer.lr_scheduler_configs]
+        length = getattr(schedules[0], "total_steps", None) if schedules else None
+        keep = (f"; the LR schedule keeps its length of {length} steps (at its floor past it) unless "
+                "--model.optim.total_steps sets another" if length else "")
+        print(f"llmtrain: nothing to train: {ckpt_path} is at step {trainer.global_step} and trainer.max_steps is "
+              f"{trainer.max_steps}. To train further, raise it, e.g. --trainer.max_steps {2 * trainer.max_steps}"
+              f"{keep}.", file=sys.stderr)
 
     def before_fit(self) -> None:
         fit_args = self.config_init[self.subcommand]
@@ -82,8 +209,22 @@ def run_lightning(args: Optional[list[str]] = None) -> LLMTrainCLI:
         TokenDataModule,
         seed_everything_default=1234,
         save_config_kwargs={"overwrite": True},
+        parser_class=LLMTrainParser,
+        parser_kwargs={command: {"usage": FIT_USAGE.format(command=command), "description": PURPOSES[command]}
+                       for command in LIGHTNING_COMMANDS},
+        # LanguageModel builds its own AdamW and schedule (model.optim): no --optimizer/--lr_scheduler to ignore.
+        auto_configure_optimizers=False,
         args=args,
     )
+
+
+def _first_missing(folder: Path) -> Optional[Path]:
+    """The outermost folder on the way to `folder` that does not exist yet (None if it exists)."""
+    if folder.exists():
+        return None
+    while not folder.parent.exists():
+        folder = folder.parent
+    return folder
 
 
 def _tool(name: str) -> Callable[[list[str]], int]:
@@ -94,17 +235,81 @@ def _tool(name: str) -> Callable[[list[str]], int]:
 def main(argv: Optional[list[str]] = None) -> int:
     given, argv = argv, sys.argv[1:] if argv is None else argv
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if _has_cuda() else "cpu")
-    if argv and argv[0] in TOOL_COMMANDS:
-        return _tool(argv[0])(argv[1:])
-    if argv and argv[0] not in LIGHTNING_COMMANDS and not argv[0].startswith("-"):
-        commands = ", ".join((*LIGHTNING_COMMANDS, *TOOL_COMMANDS))
-        print(f"llmtrain: unknown command {argv[0]!r}; commands: {commands}", file=sys.stderr)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(top_level_help())
+        return 0 if argv else 2
+    if argv[0] not in (*LIGHTNING_COMMANDS, *TOOL_COMMANDS):
+        close = difflib.get_close_matches(argv[0], [*LIGHTNING_COMMANDS, *TOOL_COMMANDS], n=1)
+        hint = f" (did you mean {close[0]}?)" if close else ""
+        print(f"error: unknown command {argv[0]!r}{hint}; commands: {', '.join((*LIGHTNING_COMMANDS, *TOOL_COMMANDS))}"
+              " (llmtrain --help says what each does)", file=sys.stderr)
         return 2
     try:
-        run_lightning(given)  # None: LightningCLI reads sys.argv itself (and warns if given both)
-    finally:
-        _destroy_process_group()
-    return 0
+        if argv[0] in TOOL_COMMANDS:
+            return _tool(argv[0])(argv[1:])
+        try:
+            run_lightning(given)  # None: LightningCLI reads sys.argv itself (and warns if given both)
+        finally:
+            _destroy_process_group()
+        return 0
+    except UsageError as err:
+        if _debug():
+            raise
+        print(f"error: {err} (llmtrain {argv[0]} --help lists the options)", file=sys.stderr)
+        return 2
+    except Exception as exc:
+        cause = user_error(exc)
+        if _debug() or cause is None:
+            raise
+        print(f"error: {cause}", file=sys.stderr)
+        return 1
+
+
+def top_level_help() -> str:
+    width = max(map(len, PURPOSES))
+    lines = ["usage: llmtrain COMMAND [options]        (llmtrain COMMAND --help: that command's options)", "",
+             "Training (Lightning; a YAML config plus dotted overrides, e.g. --model.config.n_layer 8):"]
+    lines += [f"  {name:<{width}}  {PURPOSES.get(name, '')}" for name in LIGHTNING_COMMANDS]
+    lines += ["", "Tools:"]
+    lines += [f"  {name:<{width}}  {PURPOSES.get(name, '')}" for name in TOOL_COMMANDS]
+    lines += ["", "Start: llmtrain fit --config configs/quickstart.yaml (the README's quickstart prepares its data).",
+              f"A mistake in the input ends in one 'error: ...' line; {DEBUG_VARIABLE}=1 adds the traceback."]
+    return "\n".join(lines)
+
+
+# Lightning's own check of a user's settings (e.g. a GPU accelerator where there is none); its message says it.
+_LIGHTNING_CONFIG_ERRORS = ("MisconfigurationException",)
+# Raised by our own code (the innermost frame is in llmtrain/), these are validation, not bugs.
+_VALIDATION_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError)
+_PACKAGE = str(Path(__file__).resolve().parent)
+
+
+def is_user_error(exc: BaseException) -> bool:
+    """An error in the user's input, to print as one line: an exception class of ours (ConfigError, ShardError,
+    CheckpointError, ...), Lightning's MisconfigurationException, or a ValueError/missing-file error raised by our
+    code. Anything else (TypeError, a ValueError from inside torch, ...) is a bug and keeps its traceback."""
+    for cls in type(exc).__mro__:
+        if cls.__module__.startswith("llmtrain.") or cls.__name__ in _LIGHTNING_CONFIG_ERRORS:
+            return True
+    frames = traceback.extract_tb(exc.__traceback__)
+    return isinstance(exc, _VALIDATION_ERRORS) and bool(frames) and \
+        str(Path(frames[-1].filename).resolve()).startswith(_PACKAGE)
+
+
+def user_error(exc: BaseException) -> Optional[BaseException]:
+    """The user error `exc` is, or was raised from (jsonargparse wraps a dataclass's own error in its own); None
+    for a bug."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        if is_user_error(exc):
+            return exc
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+def _debug() -> bool:
+    return os.environ.get(DEBUG_VARIABLE, "") not in ("", "0")
 
 
 def _destroy_process_group() -> None:

@@ -16,7 +16,7 @@ from llmtrain.checkpointing.save import refuse_nonfinite_weights
 from llmtrain.compat import should_accumulate
 from llmtrain.model import ConfigError, Decoder, ModelConfig
 from llmtrain.training.loss import cross_entropy_and_z
-from llmtrain.training.optim import OptimConfig, build_optimizer, lr_lambda
+from llmtrain.training.optim import OptimConfig, ScheduleLR, build_optimizer
 from llmtrain.training.step_log import log_step, log_values
 
 CompileScope = Literal["off", "model", "blocks"]
@@ -269,7 +269,8 @@ class LanguageModel(pl.LightningModule):
         if total is None or total <= 0:
             raise ConfigError("optim.total_steps is unset and trainer.max_steps is -1: set one of them, "
                               "the LR schedule needs the run length")
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(self.optim_config, total))
+        # On resume the checkpoint's schedule length wins unless optim.total_steps asks for another (ScheduleLR).
+        scheduler = ScheduleLR(optimizer, self.optim_config, total)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     # -- start-of-run checks and checkpoint contents --------------------------------------------------------------

@@ -3,37 +3,54 @@
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable, Literal, Optional, get_args
 
 import torch
 from torch import nn
 
-SCHEDULES = ("cosine", "wsd", "constant")
+ScheduleName = Literal["cosine", "wsd", "constant"]
+SCHEDULES: tuple[str, ...] = get_args(ScheduleName)
 
 
 @dataclass
 class OptimConfig:
-    """AdamW and its schedule. Defaults follow common small-LM practice (GPT-3/Llama: betas 0.9/0.95, wd 0.1)."""
+    """AdamW and its schedule. Defaults follow common small-LM practice (GPT-3/Llama: betas 0.9/0.95, wd 0.1).
+
+    Args:
+        lr: peak learning rate, reached at the end of warmup.
+        min_lr_ratio: the schedule decays to min_lr_ratio * lr.
+        weight_decay: AdamW's decoupled weight decay on the matrices.
+        beta1: AdamW's first-moment decay.
+        beta2: AdamW's second-moment decay.
+        eps: AdamW's epsilon.
+        schedule: cosine (decay to the floor over the run), wsd (warmup-stable-decay, Hu et al. 2024: constant,
+            then a linear decay over the last decay_fraction of steps), constant.
+        warmup_steps: linear warmup from lr / warmup_steps to lr.
+        total_steps: steps of the whole schedule; null = trainer.max_steps of the run's first start (a resume keeps
+            the length it was started with; set this to change it).
+        decay_fraction: wsd only: the share of steps that decays.
+        decay_norms: weight decay on norm weights too.
+        decay_biases: weight decay on biases too.
+        decay_embeddings: weight decay on embeddings too.
+        fused: torch's fused AdamW kernel; null = on where parameters live on CUDA.
+    """
 
     lr: float = 3e-4
-    # The schedule decays to min_lr_ratio * lr.
     min_lr_ratio: float = 0.1
     weight_decay: float = 0.1
     beta1: float = 0.9
     beta2: float = 0.95
     eps: float = 1e-8
-    schedule: str = "cosine"
+    schedule: ScheduleName = "cosine"
     warmup_steps: int = 100
-    # Steps of the whole schedule; None = trainer.max_steps.
     total_steps: Optional[int] = None
-    # warmup-stable-decay (Hu et al. 2024, MiniCPM): the last `decay_fraction` of steps decay linearly to min_lr.
     decay_fraction: float = 0.2
     # By default norms, biases and embeddings get no weight decay (they are not matrices that scale outputs).
     decay_norms: bool = False
     decay_biases: bool = False
     decay_embeddings: bool = False
-    # torch's fused AdamW kernel; None = on where parameters live on CUDA.
     fused: Optional[bool] = None
 
     def __post_init__(self) -> None:
@@ -93,28 +110,70 @@ def build_optimizer(model: nn.Module, config: OptimConfig) -> torch.optim.AdamW:
                              fused=fused)
 
 
+class Schedule:
+    """Multiplier of the base lr at optimizer step `step` (0-based): linear warmup, then the configured shape.
+
+    A callable object holding only plain values, not a closure: torch's LambdaLR saves such an object's attributes
+    in its state_dict, so a checkpoint records the schedule's length (and shape) and a resume gets them back.
+    """
+
+    def __init__(self, config: OptimConfig, total_steps: int) -> None:
+        self.schedule = config.schedule
+        self.warmup_steps = config.warmup_steps
+        self.min_lr_ratio = config.min_lr_ratio
+        self.decay_fraction = config.decay_fraction
+        self.total_steps = total_steps
+
+    def __call__(self, step: int) -> float:
+        warmup, floor, total = self.warmup_steps, self.min_lr_ratio, self.total_steps
+        if step < warmup:
+            return (step + 1) / warmup
+        if self.schedule == "cosine":
+            progress = min(1.0, (step - warmup) / max(1, total - warmup))
+            return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+        if self.schedule == "wsd":
+            decay_start = total - int(self.decay_fraction * total)
+            if step < decay_start:
+                return 1.0
+            progress = min(1.0, (step - decay_start) / max(1, total - decay_start))
+            return 1.0 - (1 - floor) * progress
+        return 1.0  # constant
+
+
 def lr_lambda(config: OptimConfig, total_steps: int) -> Callable[[int], float]:
     """Multiplier of the base lr at optimizer step `step` (0-based)."""
-    warmup, floor = config.warmup_steps, config.min_lr_ratio
+    return Schedule(config, total_steps)
 
-    def warmup_factor(step: int) -> Optional[float]:
-        return (step + 1) / warmup if step < warmup else None
 
-    def cosine(step: int) -> float:
-        progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
-        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+class ScheduleLR(torch.optim.lr_scheduler.LambdaLR):
+    """LambdaLR over a Schedule that, on resume, keeps the length the run was started with.
 
-    def wsd(step: int) -> float:
-        decay_start = total_steps - int(config.decay_fraction * total_steps)
-        if step < decay_start:
-            return 1.0
-        progress = min(1.0, (step - decay_start) / max(1, total_steps - decay_start))
-        return 1.0 - (1 - floor) * progress
+    Without this a resume with a larger trainer.max_steps re-stretches the cosine from the current step on, and the
+    LR jumps (measured 3.00e-4 -> 3.31e-4 at the resume). The checkpoint's length wins unless `total_steps` was set
+    explicitly (model.optim.total_steps) to another value: then the schedule changes, and says so.
+    """
 
-    shape = {"cosine": cosine, "wsd": wsd, "constant": lambda step: 1.0}[config.schedule]
+    def __init__(self, optimizer: torch.optim.Optimizer, config: OptimConfig, total_steps: int) -> None:
+        self.explicit_total = config.total_steps  # None: the length came from trainer.max_steps
+        self.resume_note: Optional[str] = None
+        super().__init__(optimizer, Schedule(config, total_steps))
 
-    def factor(step: int) -> float:
-        w = warmup_factor(step)
-        return w if w is not None else shape(step)
-
-    return factor
+    def load_state_dict(self, state_dict: dict) -> None:
+        schedule: Schedule = self.lr_lambdas[0]
+        asked, explicit = schedule.total_steps, self.explicit_total
+        # Restores the saved Schedule's attributes (total_steps among them), and every attribute of this object the
+        # checkpoint holds: explicit_total is this run's, taken before.
+        super().load_state_dict(state_dict)
+        self.explicit_total, saved = explicit, schedule.total_steps
+        if saved == asked:
+            return
+        if explicit is not None:
+            for each in self.lr_lambdas:
+                each.total_steps = asked
+            self.resume_note = (f"LR schedule: length changed from the checkpoint's {saved} steps to {asked} "
+                                "(model.optim.total_steps)")
+        else:
+            self.resume_note = (f"LR schedule: keeping the checkpoint's length of {saved} steps (trainer.max_steps "
+                                f"is now {asked}; set model.optim.total_steps to change the schedule)")
+        if not (torch.distributed.is_initialized() and torch.distributed.get_rank() != 0):  # once per run
+            print(self.resume_note, file=sys.stderr)

@@ -1,0 +1,149 @@
+"""StepProgress: progress in optimizer steps out of max_steps, with loss and tokens/s; plain lines when not a TTY.
+
+Lightning's bar counts batches of an epoch, which means nothing for a step-bounded pretraining run on an
+iterable dataset ("Epoch 0/-2", "650/49"), and a tqdm bar written to a file shows nothing until the end.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import Any, Optional
+
+import lightning.pytorch as pl
+from lightning.pytorch.callbacks import TQDMProgressBar
+
+
+def _duration(seconds: float) -> str:
+    minutes, secs = divmod(int(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s"
+
+
+def _rate(tokens_per_sec: float) -> str:
+    return f"{tokens_per_sec / 1e3:.1f}k" if tokens_per_sec < 1e6 else f"{tokens_per_sec / 1e6:.2f}M"
+
+
+class StepProgress(TQDMProgressBar):
+    """A bar over optimizer steps (on a terminal), or one line every `every_n_steps` steps and after each
+    validation (anywhere else: a log file, a SLURM job), flushed at once.
+
+    Reads only host values: the module's `tokens_seen` counter and the loss Lightning already moved to the host at
+    its logging steps (LanguageModel logs it there), so it adds no device synchronization.
+    """
+
+    def __init__(self, every_n_steps: Optional[int] = None, refresh_rate: int = 1, process_position: int = 0,
+                 leave: bool = False, terminal: Optional[bool] = None) -> None:
+        """
+        Args:
+            every_n_steps: steps between two lines when not on a terminal; None = trainer.log_every_n_steps (the
+                steps at which the loss is fresh).
+            refresh_rate: steps between two redraws of the terminal bar.
+            terminal: draw a bar (True) or print lines (False); None = a bar when stdout is a terminal.
+        """
+        super().__init__(refresh_rate=refresh_rate, process_position=process_position, leave=leave)
+        if every_n_steps is not None and every_n_steps <= 0:
+            raise ValueError(f"StepProgress: every_n_steps={every_n_steps!r} is invalid: must be a positive integer")
+        self.every_n_steps = every_n_steps
+        self.terminal = terminal
+        self._last_step = -1
+        self._start: tuple[float, int, int] = (0.0, 0, 0)  # (time, step, tokens) when training (re)started
+        self._mark: tuple[float, int] = (0.0, 0)  # (time, tokens) at the last rate measurement
+        self._tokens_per_sec: Optional[float] = None
+
+    # -- mode -------------------------------------------------------------------------------------------------------
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        if self.terminal is None:
+            self.terminal = sys.stdout.isatty()
+        if not self.terminal:
+            self.disable()  # every tqdm bar of the base class becomes a dummy; lines come from the hooks below
+
+    def _lines(self, trainer: pl.Trainer) -> bool:
+        return not self.terminal and trainer.is_global_zero
+
+    # -- training -----------------------------------------------------------------------------------------------
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        tokens = int(getattr(pl_module, "tokens_seen", 0))
+        now = time.monotonic()
+        self._start, self._mark, self._last_step = (now, trainer.global_step, tokens), (now, tokens), trainer.global_step
+        total = trainer.max_steps if trainer.max_steps > 0 else None
+        self.train_progress_bar = self.init_train_tqdm()  # a dummy when disabled: the base class closes it at the end
+        if self.terminal:
+            self.train_progress_bar.reset(total=total)
+            self.train_progress_bar.initial = trainer.global_step
+            self.train_progress_bar.n = trainer.global_step
+            self.train_progress_bar.set_description("step")
+        elif self._lines(trainer):
+            resumed = f", resuming at step {trainer.global_step}" if trainer.global_step else ""
+            print(f"training to step {total or '(no max_steps)'}{resumed}", flush=True)
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, *_: Any) -> None:
+        """One bar for the whole run: an epoch of an iterable dataset is no unit of progress here."""
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        step = trainer.global_step
+        if step == self._last_step:  # a micro-batch of gradient accumulation: no optimizer step yet
+            return
+        self._last_step = step
+        final = step == trainer.max_steps or trainer.should_stop
+        if self.terminal:
+            if step % self.refresh_rate == 0 or final:
+                self.train_progress_bar.n = step
+                if self._fresh_loss_step(trainer, step) or final:
+                    self.train_progress_bar.set_postfix(self.get_metrics(trainer, pl_module), refresh=False)
+                self.train_progress_bar.refresh()
+        elif self._lines(trainer) and (step % (self.every_n_steps or trainer.log_every_n_steps or 1) == 0 or final):
+            print(self._line(trainer, pl_module), flush=True)
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """The bar outlives epochs (see on_train_epoch_start); on_train_end closes it."""
+
+    @staticmethod
+    def _fresh_loss_step(trainer: pl.Trainer, step: int) -> bool:
+        return bool(trainer.log_every_n_steps) and step % trainer.log_every_n_steps == 0
+
+    def _measure(self, pl_module: pl.LightningModule) -> Optional[float]:
+        """tokens/s since the previous measurement, from the module's host-side token counter."""
+        tokens = getattr(pl_module, "tokens_seen", None)
+        if tokens is None:
+            return None
+        now = time.monotonic()
+        then, tokens_then = self._mark
+        if now > then and tokens > tokens_then:
+            self._tokens_per_sec = (tokens - tokens_then) / (now - then)
+            self._mark = (now, tokens)
+        return self._tokens_per_sec
+
+    def get_metrics(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Any]:
+        metrics = {k: v for k, v in super().get_metrics(trainer, pl_module).items() if k != "v_num"}
+        rate = self._measure(pl_module)
+        if rate is not None:
+            metrics["tok/s"] = _rate(rate)
+        return metrics
+
+    def _line(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> str:
+        step, total = trainer.global_step, trainer.max_steps
+        parts = [f"step {step}/{total} ({100 * step / total:.0f}%)" if total > 0 else f"step {step}"]
+        loss = trainer.progress_bar_metrics.get("loss")
+        if loss is not None:
+            parts.append(f"loss {float(loss):.4f}")
+        rate = self._measure(pl_module)
+        if rate is not None:
+            parts.append(f"{_rate(rate)} tok/s")
+        start_time, start_step, _ = self._start
+        elapsed = time.monotonic() - start_time
+        timing = f"{_duration(elapsed)} elapsed"
+        if total > 0 and step > start_step:
+            timing += f", ~{_duration(elapsed / (step - start_step) * (total - step))} left"
+        parts.append(timing)
+        return " | ".join(parts)
+
+    # -- validation -------------------------------------------------------------------------------------------------
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_validation_end(trainer, pl_module)
+        if self._lines(trainer) and not trainer.sanity_checking:
+            values = {k: v for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
+            shown = " | ".join(f"{k} {float(v):.4f}" for k, v in sorted(values.items()))
+            print(f"step {trainer.global_step} validation: {shown or 'no metrics'}", flush=True)
