@@ -170,19 +170,18 @@ def _print_line(line: str) -> None:
 
 
 def _resume_command() -> str:
-    """The command line of this run with `--ckpt_path last` in place of any --ckpt_path, when it was `llmtrain fit`
-    (the console script or `python -m llmtrain.cli`); else the generic advice."""
-    args = sys.argv[1:]
-    if Path(sys.argv[0]).name not in ("llmtrain", "cli.py") or not args or args[0] != "fit":
+    """The command line of this run with `--ckpt_path last` in place of any --ckpt_path, when it was a plain
+    `llmtrain fit` (the console script or `python -m llmtrain.cli`); else the advice for the launcher."""
+    if os.environ.get("TORCHELASTIC_RUN_ID") is not None:  # under torchrun: rerun the launcher, not one process
+        return "the same launch (launch/torchrun.sh or torchrun) with --ckpt_path last added"
+    if Path(sys.argv[0]).name not in ("llmtrain", "cli.py") or sys.argv[1:2] != ["fit"]:
         return "the same fit with ckpt_path='last' (`llmtrain fit ... --ckpt_path last`)"
     kept: list[str] = []
-    skip = False
+    args = iter(sys.argv[1:])
     for arg in args:
-        if skip or arg.startswith("--ckpt_path="):
-            skip = False
-            continue
-        skip = arg == "--ckpt_path"
-        if not skip:
+        if arg == "--ckpt_path":
+            next(args, None)  # and its value
+        elif not arg.startswith("--ckpt_path="):
             kept.append(arg)
     return shlex.join(["llmtrain", *kept, "--ckpt_path", "last"])
 
