@@ -274,7 +274,7 @@ class SweepSpec:
                 if key == "model.optim.lr" and self.lrs:
                     raise fail(f"{where}.{key}", "conflicts with `lrs`, which sets the learning rate of every run")
                 if self.match and key == self.match["by"] and where != "overrides":
-                    raise fail(f"{where}.{key}", f"is sized by `match.by`; a variant cannot also set it")
+                    raise fail(f"{where}.{key}", "is sized by `match.by`; a variant cannot also set it")
                 section, _, leaf = key.rpartition(".")
                 if section in sections and leaf not in sections[section]:
                     raise fail(f"{where}.{key}", f"{section} has no field {leaf!r}; fields: "

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import random
-import sys
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Optional

@@ -17,6 +17,7 @@ import torch
 
 from llmtrain.checkpointing.readers import (UNIVERSAL_LATEST, CheckpointError, _verified_zero_folder,
                                             load_consolidated)
+from llmtrain.files import write_atomically
 
 
 def convert_checkpoint(src: str, dst: str) -> Path:
@@ -25,15 +26,9 @@ def convert_checkpoint(src: str, dst: str) -> Path:
     final = Path(dst)
     if final.is_dir():
         raise CheckpointError(f"destination {dst} is a folder; convert writes one file")
-    final.parent.mkdir(parents=True, exist_ok=True)
-    staging = final.with_name(f".tmp.{final.name}")
-    try:
-        torch.save(checkpoint, staging)
-        torch.load(staging, map_location="cpu", weights_only=True, mmap=True)  # the promise we make, checked
-        os.replace(staging, final)
-    finally:
-        staging.unlink(missing_ok=True)
-    return final
+    # The promise we make, checked before the file gets its name: it loads with weights_only=True.
+    return write_atomically(final, lambda f: torch.save(checkpoint, f),
+                            check=lambda path: torch.load(path, map_location="cpu", weights_only=True, mmap=True))
 
 
 

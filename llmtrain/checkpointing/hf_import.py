@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from dataclasses import asdict, fields
 from pathlib import Path
@@ -27,6 +26,7 @@ from torch import Tensor
 
 from llmtrain.checkpointing.hf_arch import ARCHITECTURES, FROM_HF, HFArchitecture, rename
 from llmtrain.checkpointing.readers import CheckpointError, check_state_dict, load_consolidated, model_config
+from llmtrain.files import write_atomically
 from llmtrain.model import ConfigError, Decoder, ModelConfig
 
 # config.json fields that must hold these values (absent = the transformers default, which is this value), and why.
@@ -144,11 +144,7 @@ def import_hf(hf_dir: str, out_file: str) -> Path:
                   "pytorch-lightning_version": lightning.__version__,
                   "llmtrain": {"imported_from": {"path": str(folder.resolve()), "architecture": arch.name},
                                "tokenizer": tokenizer}}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    partial = out.with_name(f".tmp.{out.name}")
-    torch.save(checkpoint, partial)
-    os.replace(partial, out)  # never a half-written file under the final name
-    return out
+    return write_atomically(out, lambda f: torch.save(checkpoint, f))
 
 
 def import_main(argv: list[str]) -> int:

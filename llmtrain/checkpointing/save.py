@@ -19,6 +19,8 @@ import torch
 from fsspec.utils import get_protocol
 from lightning.fabric.plugins import TorchCheckpointIO
 from torch import nn
+
+from llmtrain.files import fsync_folder, write_atomically
 from torch.nn.utils import get_total_norm
 
 
@@ -69,30 +71,6 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                         weights_only: Optional[bool] = None) -> dict[str, Any]:
         # Our checkpoints hold tensors and plain data only: unpickle nothing else, whatever the caller left unset.
         return super().load_checkpoint(path, map_location=map_location, weights_only=True)
-
-
-def write_atomically(final: Path, write: Any) -> None:
-    """Calls write(file) on `.tmp.<name>` beside `final`, then fsync, rename onto `final`, fsync of the folder."""
-    final.parent.mkdir(parents=True, exist_ok=True)
-    staging = final.with_name(f".tmp.{final.name}")
-    try:
-        with open(staging, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(staging, final)
-    finally:
-        staging.unlink(missing_ok=True)
-    fsync_folder(final.parent)
-
-
-def fsync_folder(folder: Path) -> None:
-    """Makes a rename in `folder` durable (POSIX: the entry lives in the folder)."""
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def replace_folder(staging: Path, final: Path) -> None:

@@ -36,6 +36,7 @@ from typing import Any, Callable, Iterator, Optional, Sequence
 import numpy as np
 
 from llmtrain.data.sources import Source, SourceStats, check_utf8, is_validation_document, validation_mask
+from llmtrain.files import fsync_folder
 from llmtrain.data.tokenizer import (
     META_FILE,
     MODEL_FILE,
@@ -152,7 +153,7 @@ class ShardWriter:
         index_bytes = offsets.tobytes()
         write_atomic(self.out_dir / self._idx_name, index_bytes)
         os.replace(self._tmp, self.out_dir / self._bin_name)
-        _fsync_dir(self.out_dir)
+        fsync_folder(self.out_dir)
         record = {
             "file": self._bin_name,
             "index": self._idx_name,
@@ -166,14 +167,6 @@ class ShardWriter:
         }
         self.next_index += 1
         self.on_commit(self.split, record)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 # ----------------------------------------------------------------------------------------------------------
