@@ -37,8 +37,8 @@ step, in a step pre-hook of the wrapped torch optimizer, from the global norm De
 (`_global_grad_norm`; it reports a NaN/inf norm as -1); the skip then works as above on that optimizer.
 Rollback restores through the strategy (Lightning's loaders, or DeepSpeed's engine for ZeRO folders).
 
-Put SpikeDetector after the monitors in the callback list: a rollback at the end of a batch restores weights
-that a monitor reading the step's update afterwards would take for that update.
+SpikeDetector must come after the monitors in the callback list (checked at setup): a rollback at the end of a
+batch restores weights that a monitor reading the step's update afterwards would take for that update.
 """
 
 from __future__ import annotations
@@ -54,7 +54,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
-from llmtrain.callbacks.stability import PREFIX, is_deepspeed
+from llmtrain.callbacks.stability import PREFIX, AttentionMonitor, LogitMonitor, WeightMonitor, is_deepspeed
 from llmtrain.compat import (deepspeed_global_grad_norm, rewind_optimizer_steps, set_found_inf,
                              takes_found_inf)
 from llmtrain.training.step_log import log_step
@@ -390,6 +390,18 @@ class SpikeDetector(pl.Callback):
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._trainer = trainer  # state_dict() gets no trainer but may have decisions to log
+        check_after_monitors(self, trainer.callbacks)
+
+
+def check_after_monitors(detector: SpikeDetector, callbacks: list[pl.Callback]) -> None:
+    """Refuses a callback list with a stability monitor after the detector (see the module docstring: the monitor
+    would read a rolled-back update as the step's), naming the order to use."""
+    position = next(i for i, callback in enumerate(callbacks) if callback is detector)
+    late = [type(c).__name__ for c in callbacks[position + 1:] if isinstance(c, (LogitMonitor, AttentionMonitor, WeightMonitor))]
+    if late:
+        raise ValueError(f"trainer.callbacks: SpikeDetector comes before {', '.join(late)}; put it after the "
+                         "stability monitors (a rollback at a batch end would otherwise be read by them as that "
+                         "step's update)")
 
 
 def restore_checkpoint(trainer: pl.Trainer, path: str) -> int:

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from llmtrain.callbacks import PeriodicCheckpoint, SpikeDetector, TrainingDiverged
+from llmtrain.callbacks import PeriodicCheckpoint, SpikeDetector, TrainingDiverged, WeightMonitor
 from llmtrain.callbacks.spikes import SpikeStatistics
 from llmtrain.data.datamodule import TokenDataModule
 from llmtrain.training.optim import OptimConfig
@@ -305,3 +305,10 @@ def test_ddp_ranks_take_the_same_decision(tmp_path):
     for rank in ranks:  # rank 0's own loss was ordinary: it skipped because the mean over ranks spiked
         assert rank["events"] == [6]
         assert rank["changed"]["6"] == [False, False] and rank["changed"]["5"] == [True, True]
+
+
+def test_a_monitor_after_the_detector_is_refused_naming_the_order():
+    detector = SpikeDetector(action="rollback")
+    with pytest.raises(ValueError, match="SpikeDetector comes before WeightMonitor; put it after the stability"):
+        fit(SpikeModel(tiny_config(), OPTIM), random_batches(2), [detector, WeightMonitor(every_n_steps=1)],
+            max_steps=1)
