@@ -36,16 +36,8 @@ from typing import Any, Callable, Iterator, Optional, Sequence
 import numpy as np
 
 from llmtrain.data.sources import Source, SourceStats, check_utf8, is_validation_document, validation_mask
-from llmtrain.files import fsync_folder
-from llmtrain.data.tokenizer import (
-    META_FILE,
-    MODEL_FILE,
-    Tokenizer,
-    json_bytes,
-    load_tokenizer,
-    sha256_file,
-    write_atomic,
-)
+from llmtrain.data.tokenizer import META_FILE, MODEL_FILE, Tokenizer, json_bytes, load_tokenizer, sha256_file
+from llmtrain.files import fsync_folder, write_bytes_atomically
 
 log = logging.getLogger(__name__)
 
@@ -151,7 +143,7 @@ class ShardWriter:
         offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
         np.cumsum(lengths, out=offsets[1:])
         index_bytes = offsets.tobytes()
-        write_atomic(self.out_dir / self._idx_name, index_bytes)
+        write_bytes_atomically(self.out_dir / self._idx_name, index_bytes)
         os.replace(self._tmp, self.out_dir / self._bin_name)
         fsync_folder(self.out_dir)
         record = {
@@ -450,7 +442,7 @@ def prepare(
                 "tokenizer": TOKENIZER_DIR, "splits": splits}
         if stats is not None:
             meta["source_stats"] = stats.as_dict()
-        write_atomic(out / METADATA_FILE, json_bytes(meta))
+        write_bytes_atomically(out / METADATA_FILE, json_bytes(meta))
         return meta
 
     def on_commit(split: str, record: dict[str, Any]) -> None:
@@ -569,5 +561,5 @@ def _clean_unrecorded(out: Path, records: dict[str, list[dict[str, Any]]]) -> No
 def _copy_tokenizer(tokenizer: Tokenizer, dest: Path) -> None:
     dest.mkdir(parents=True, exist_ok=True)
     if not (dest / MODEL_FILE).is_file() or sha256_file(dest / MODEL_FILE) != tokenizer.sha256:
-        write_atomic(dest / MODEL_FILE, tokenizer.model_bytes)
-    write_atomic(dest / META_FILE, json_bytes(tokenizer.meta))
+        write_bytes_atomically(dest / MODEL_FILE, tokenizer.model_bytes)
+    write_bytes_atomically(dest / META_FILE, json_bytes(tokenizer.meta))

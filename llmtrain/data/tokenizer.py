@@ -16,7 +16,6 @@ import io
 import json
 import logging
 import os
-import secrets
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +24,7 @@ from typing import Any, Iterator
 import sentencepiece as spm
 
 from llmtrain.data.sources import Source, SourceError, check_utf8, is_validation_document
+from llmtrain.files import write_bytes_atomically
 
 log = logging.getLogger(__name__)
 
@@ -67,23 +67,6 @@ def sha256_file(path: str | os.PathLike[str]) -> str:
         for block in iter(lambda: f.read(1 << 22), b""):
             h.update(block)
     return h.hexdigest()
-
-
-def write_atomic(path: str | os.PathLike[str], data: bytes) -> None:
-    """Write to a temp file in the same folder, fsync, then rename: readers see the old file or the new one."""
-    path = Path(path)
-    tmp = path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # the permissions open() would give
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def json_bytes(obj: Any) -> bytes:
@@ -326,8 +309,8 @@ def train_tokenizer(
     }
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
-    write_atomic(out / MODEL_FILE, model_bytes)
-    write_atomic(out / META_FILE, json_bytes(meta))
+    write_bytes_atomically(out / MODEL_FILE, model_bytes)
+    write_bytes_atomically(out / META_FILE, json_bytes(meta))
     return TrainReport(
         tokenizer=load_tokenizer(out),
         train_documents=counts["train"],

@@ -30,7 +30,8 @@ from typing import Any
 import numpy as np
 
 from llmtrain.data.shards import METADATA_FILE, SPLITS, ShardError, ShardFile, read_metadata
-from llmtrain.data.tokenizer import json_bytes, sha256_file, write_atomic
+from llmtrain.data.tokenizer import json_bytes, sha256_file
+from llmtrain.files import write_bytes_atomically
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +73,7 @@ def _read_cache(path: Path) -> dict[str, list[Any]]:
 def _write_cache(path: Path, data_dir: Path, files: dict[str, list[Any]]) -> None:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        write_atomic(path, json_bytes({"format": CACHE_FORMAT, "folder": str(data_dir.resolve()), "files": files}))
+        write_bytes_atomically(path, json_bytes({"format": CACHE_FORMAT, "folder": str(data_dir.resolve()), "files": files}))
     except OSError as e:  # a cache that cannot be written costs time on the next run, never correctness
         log.warning("%s: cannot write the shard hash cache (%s); the next run hashes the shards again", path, e)
 
