@@ -84,6 +84,7 @@ def _usage_message(message: str, parser: LightningArgumentParser) -> str:
         return f"{key}={value.strip()!r} is invalid: choose one of {', '.join(names)}"
     unknown = re.match(r"unrecognized arguments: (.*)", message, re.S)
     if unknown:
+        # argparse's list of the parser's options (the standard library's; jsonargparse keeps it as it is).
         options = [o for a in parser._actions for o in a.option_strings if o.startswith("--")]
         hints = []
         for given in unknown.group(1).split():
@@ -114,7 +115,7 @@ class LLMTrainCLI(LightningCLI):
 
     def before_instantiate_classes(self) -> None:
         """A GPU config on a machine without one fails here, in one line, not deep inside the Trainer."""
-        accelerator = self._get(self.config, "trainer").get("accelerator")
+        accelerator = self.config.get(str(self.subcommand), self.config).get("trainer", {}).get("accelerator")
         if accelerator in ("gpu", "cuda") and not _has_cuda():
             from llmtrain.model.config import ConfigError
 
@@ -126,7 +127,7 @@ class LLMTrainCLI(LightningCLI):
         """Progress in optimizer steps (StepProgress) unless the config turns the bar off or brings its own."""
         from llmtrain.callbacks.progress import StepProgress
 
-        trainer_config = self._get(self.config_init, "trainer", default={})
+        trainer_config = self.config_init.get(str(self.subcommand), self.config_init).get("trainer", {})
         configured = trainer_config.get("callbacks") or []
         if trainer_config.get("enable_progress_bar") is not False and not any(
                 isinstance(c, ProgressBar) for c in configured):
@@ -135,15 +136,15 @@ class LLMTrainCLI(LightningCLI):
 
     def fit(self, model: LightningModule, **kwargs: Any) -> None:
         """trainer.fit, removing the run folder a failed start created, and saying when a resume had nothing to do."""
-        created = _first_missing(Path(self.trainer.log_dir)) if self.trainer.log_dir else None
+        run_dir = Path(self.trainer.log_dir) if self.trainer.log_dir else None
+        created = _first_missing(run_dir) if run_dir is not None else None
         watch = _TrainingWatch()
         self.trainer.callbacks.append(watch)
         try:
             self.trainer.fit(model, **kwargs)
         except Exception:
-            if created is not None and self.trainer.global_step == 0 and self.trainer.is_global_zero and not any(
-                    created.rglob("*.ckpt")):
-                shutil.rmtree(created, ignore_errors=True)  # a config.yaml and an empty events file: no run
+            if created is not None and self.trainer.global_step == 0 and self.trainer.is_global_zero:
+                _remove_empty_run(run_dir, created)
             raise
         if kwargs.get("ckpt_path") and not watch.started and self.trainer.is_global_zero:
             self._say_the_run_is_finished(kwargs["ckpt_path"])
@@ -216,6 +217,23 @@ def run_lightning(args: Optional[list[str]] = None) -> LLMTrainCLI:
         auto_configure_optimizers=False,
         args=args,
     )
+
+
+# What a fit writes before its first step: the resolved config and TensorBoard's (still empty) event file.
+_SETUP_FILES = ("config.yaml", "hparams.yaml", "events.out.tfevents.*")
+
+
+def _remove_empty_run(run_dir: Path, created: Path) -> None:
+    """Removes a run folder that holds only what setup wrote, then the empty folders above it up to `created`
+    (only emptied ones: a sweep may be starting another run beside it)."""
+    files = [f for f in run_dir.rglob("*") if f.is_file()] if run_dir.is_dir() else []
+    if any(not any(f.match(pattern) for pattern in _SETUP_FILES) for f in files):
+        return
+    shutil.rmtree(run_dir, ignore_errors=True)
+    folder = run_dir.parent
+    while created in (folder, *folder.parents) and folder.is_dir() and not any(folder.iterdir()):
+        folder.rmdir()
+        folder = folder.parent
 
 
 def _first_missing(folder: Path) -> Optional[Path]:

@@ -12,7 +12,8 @@ import pytest
 import torch
 import yaml
 
-from llmtrain.cli import LIGHTNING_COMMANDS, PURPOSES, TOOL_COMMANDS, is_user_error, user_error
+from llmtrain.cli import (LIGHTNING_COMMANDS, PURPOSES, TOOL_COMMANDS, _remove_empty_run, is_user_error,
+                          user_error)
 from llmtrain.events import read_scalars
 from llmtrain.model.config import ConfigError
 from llmtrain.training.optim import OptimConfig, ScheduleLR
@@ -168,3 +169,34 @@ def test_a_fit_that_fails_at_setup_leaves_no_run_folder(prepared_corpus, tmp_pat
     code, _, err = cli(capsys, "fit", "--config", str(config), "--model.config.vocab_size", "300")
     assert code == 1 and "error: vocab size mismatch" in err and "Traceback" not in err, err[-3000:]
     assert not (tmp_path / "runs").exists()
+
+
+def test_progress_bar_on_a_terminal_counts_optimizer_steps(prepared_corpus, tmp_path, capsys):
+    config = run_config(tmp_path, prepared_corpus["shards"], steps=4)
+    settings = yaml.safe_load(config.read_text())
+    settings["trainer"]["callbacks"].append({"class_path": "llmtrain.callbacks.StepProgress",
+                                             "init_args": {"terminal": True}})
+    config.write_text(yaml.safe_dump(settings))
+    code, out, err = cli(capsys, "fit", "--config", str(config), "--data.global_batch_size", "8")
+    assert code == 0, err[-3000:]
+    frames = out.replace("\r", "\n")
+    # Two micro-batches per step (global batch 8 of micro-batches of 4): the bar counts steps, not batches.
+    assert "step: 100%" in frames and "4/4" in frames and "8/4" not in frames and "tok/s=" in frames, frames[-2000:]
+    assert "Epoch" not in frames
+
+
+def test_only_a_run_folder_of_setup_files_is_removed_and_never_a_neighbour(tmp_path):
+    created = tmp_path / "runs"
+    run = created / "sweep" / "a"
+    run.mkdir(parents=True)
+    (run / "config.yaml").write_text("model: {}\n")
+    (run / "events.out.tfevents.1.host").write_bytes(b"")
+    (created / "b").mkdir()
+    (created / "b" / "config.yaml").write_text("a run starting beside it\n")
+    _remove_empty_run(run, created)
+    assert not (created / "sweep").exists() and (created / "b" / "config.yaml").exists()
+    kept = created / "c"
+    kept.mkdir()
+    (kept / "notes.txt").write_text("not written by setup\n")
+    _remove_empty_run(kept, created)
+    assert (kept / "notes.txt").exists()
