@@ -66,7 +66,8 @@ class StepProgress(TQDMProgressBar):
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         tokens = int(getattr(pl_module, "tokens_seen", 0))
         now = time.monotonic()
-        self._start, self._mark, self._last_step = (now, trainer.global_step, tokens), (now, tokens), trainer.global_step
+        self._start, self._mark = (now, trainer.global_step, tokens), (now, tokens)
+        self._last_step = trainer.global_step
         total = trainer.max_steps if trainer.max_steps > 0 else None
         self.train_progress_bar = self.init_train_tqdm()  # a dummy when disabled: the base class closes it at the end
         if self.terminal:
