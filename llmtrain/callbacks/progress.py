@@ -144,7 +144,8 @@ class StepProgress(TQDMProgressBar):
     # -- validation -------------------------------------------------------------------------------------------------
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         super().on_validation_end(trainer, pl_module)
-        if self._lines(trainer) and not trainer.sanity_checking:
+        # Inside a fit only: `llmtrain validate` prints Lightning's table of the same values.
+        if self._lines(trainer) and not trainer.sanity_checking and trainer.state.fn == "fit":
             values = {k: v for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
             shown = " | ".join(f"{k} {float(v):.4f}" for k, v in sorted(values.items()))
             print(f"step {trainer.global_step} validation: {shown or 'no metrics'}", flush=True)
