@@ -252,10 +252,10 @@ def _tool(name: str) -> Callable[[list[str]], int]:
 
 def main(argv: Optional[list[str]] = None) -> int:
     given, argv = argv, sys.argv[1:] if argv is None else argv
-    os.environ.setdefault("DS_ACCELERATOR", "cuda" if _has_cuda() else "cpu")
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(top_level_help())
         return 0 if argv else 2
+    os.environ.setdefault("DS_ACCELERATOR", "cuda" if _has_cuda() else "cpu")
     if argv[0] not in (*LIGHTNING_COMMANDS, *TOOL_COMMANDS):
         close = difflib.get_close_matches(argv[0], [*LIGHTNING_COMMANDS, *TOOL_COMMANDS], n=1)
         hint = f" (did you mean {close[0]}?)" if close else ""
@@ -315,14 +315,14 @@ def is_user_error(exc: BaseException) -> bool:
 
 
 def user_error(exc: BaseException) -> Optional[BaseException]:
-    """The user error `exc` is, or was raised from (jsonargparse wraps a dataclass's own error in its own); None
-    for a bug."""
+    """The user error `exc` is, or was raised from (`raise ... from`: jsonargparse wraps a dataclass's own error in
+    its own); None for a bug. Not an error raised while handling another (__context__): that one is a bug."""
     seen: set[int] = set()
     while exc is not None and id(exc) not in seen:
         if is_user_error(exc):
             return exc
         seen.add(id(exc))
-        exc = exc.__cause__ or exc.__context__
+        exc = exc.__cause__
     return None
 
 
