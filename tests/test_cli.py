@@ -200,3 +200,16 @@ def test_only_a_run_folder_of_setup_files_is_removed_and_never_a_neighbour(tmp_p
     (kept / "notes.txt").write_text("not written by setup\n")
     _remove_empty_run(kept, created)
     assert (kept / "notes.txt").exists()
+
+
+def test_slurm_tests_are_skipped_naming_the_install_and_install_nothing(monkeypatch):
+    from tests.launch import conftest as slurm
+
+    def refuse(*args, **kwargs):
+        raise AssertionError(f"the test set-up ran {args[0] if args else kwargs}")
+
+    monkeypatch.setattr(slurm, "DAEMONS", ("slurmctld-that-is-not-installed",))
+    monkeypatch.setattr(slurm.subprocess, "run", refuse)
+    reason = slurm.slurm_unavailable()
+    assert "SLURM is not installed (missing: slurmctld-that-is-not-installed)" in reason
+    assert "apt-get update && apt-get install -y slurm-wlm munge" in reason

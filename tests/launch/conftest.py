@@ -1,6 +1,6 @@
 """A real SLURM on this machine: Debian's slurm-wlm + munge, two slurmd "nodes", all state under a temp folder.
 
-Measured facts this follows (see ENVIRONMENT.md): the daemons run as root and started by hand (no systemd, no
+Measured facts this follows: the daemons run as root and started by hand (no systemd, no
 cgroups); SLURM_CONF points every client and job at our slurm.conf, so nothing is written under /etc; two slurmd
 processes with distinct ports are two nodes; `cred_expire` and `sched_interval` bring a requeued job back in
 ~12-30 s instead of ~2 minutes.
