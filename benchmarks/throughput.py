@@ -1,36 +1,40 @@
-"""Training throughput on one GPU: the plain-PyTorch reference loop, litgpt's GPT in the same loop, and `llmtrain fit`.
+"""Training throughput on one GPU: a plain-PyTorch loop, litgpt, torchtitan and OLMo-core in the same loop, and
+`llmtrain fit`, each row at the same shape, micro-batch and precision (the same recipe).
 
 Rows, per shape (124m 768/12/12 mb16, 350m 1024/24/16 mb8, 1b 2048/16/16 mb4; vocab 32000, sequence 2048):
-  baseline  the reference loop of ../shared/gpu/NOTES.md, written out below (Llama-style decoder in plain PyTorch:
-            RMSNorm, SwiGLU, RoPE, no biases, untied LM head, SDPA is_causal, bf16 autocast, fused AdamW,
-            torch.compile of the model, cross-entropy eager on fp32 logits), random tokens.
-  litgpt    litgpt's `GPT` at the same shape in the same loop (skipped, with the reason, where `import litgpt` fails).
-  llmtrain  a real `llmtrain fit` of configs/llama-<shape>.yaml in a subprocess, on the shards of --data_dir, with
-            the config's callbacks at their default intervals (stability monitors every 100 steps, SpikeDetector
-            every step), validation off, and PeriodicCheckpoint moved past the end of the run (no checkpoint in the
-            timed window). tokens/s is the Throughput callback's one window over steps warmup+1..steps.
+  baseline    the reference loop, written out below (Llama-style decoder in plain PyTorch: RMSNorm, SwiGLU, RoPE, no
+              biases, untied LM head, SDPA is_causal, bf16 autocast, fused AdamW); model and cross-entropy compiled
+              together as one function, so no fp32 logits are materialized eagerly; random tokens.
+  litgpt      litgpt's `GPT` at the same shape in the same loop.
+  torchtitan  torchtitan's `Llama3Model` with their compile, loss and float8 functions (benchmarks/peers.py).
+  olmo_core   OLMo-core's `TransformerConfig.llama_like` model with its compile and float8 methods (peers.py).
+  llmtrain    a real `llmtrain fit` of configs/llama-<shape>.yaml in a subprocess, on the shards of --data_dir, with
+              the config's callbacks at their default intervals (stability monitors every 100 steps, SpikeDetector
+              every step), validation off, and PeriodicCheckpoint moved past the end of the run (no checkpoint in the
+              timed window). tokens/s is the Throughput callback's one window over steps warmup+1..steps.
+A loop row whose framework does not import (or fails) is reported with its error line. Loop-row levers
+(--baseline_variants): mb2x/mb4x/mb6x, fp8 (each framework's own float8 path), sdpa (torchtitan's maskless attention).
+'vs loop' is always against the baseline row of the same shape, micro-batch and precision; a lever that changes the
+micro-batch is its own row against the loop at that micro-batch.
 With --profile N, every row also profiles N steps after its timed window (StepProfiler's report, the loop rows
 through the same function: profile_<row>.md), so the rows' kernel time can be compared category by category.
 Every row runs in its own subprocess (fresh compile caches, its own peak-memory counter). The first --warmup steps
-(compile, allocator) are excluded; the timed window is steps warmup+1..steps. The defaults (150 steps, 30 warm-up)
-put the stability monitors' step 100 inside llmtrain's window, as in a real run.
-SIGTERM (e.g. `timeout 540` ahead of a device call's 600 s limit) ends the script early but still writes the table
-of the rows done, and keeps an interrupted llmtrain row whose timed window its run had already logged.
-MFU = tokens/s x (6*N_matmul + 12*n_layer*d_model*seq) / 989e12 for every row (ModelConfig.flops_per_token; N_matmul
-is every parameter but the input embedding; 989 TFLOP/s = H100 SXM dense bf16 datasheet peak).
+(compile, allocator) are excluded; the timed window is steps warmup+1..steps.
+SIGTERM (e.g. `timeout 540`) ends the script early but still writes the table of the rows done, and keeps an
+interrupted llmtrain row whose timed window its run had already logged.
+MFU = tokens/s x (6*N_matmul + 12*n_layer*d_model*seq) / peak for every row (ModelConfig.flops_per_token; N_matmul
+is every parameter but the input embedding), against the 989 TFLOP/s H100/H200 SXM dense bf16 datasheet peak and
+against a bf16 matmul (8192^3) measured at the start of the run.
 
-Device commands (one shape per device call, each well under the 10-minute limit; carry [".whl", ".gpu_data"]):
-    # once, on the CPU machine: the wheels (.whl already holds jsonargparse 4.53, which llmtrain needs; litgpt
-    # 0.5.13 pins jsonargparse<=4.41 in its metadata but GPT/Config never import it, and the install is --no-deps,
-    # so do NOT add jsonargparse==4.41.0; psutil: litgpt.utils imports it), and the 32000-token Shakespeare
-    # shards .gpu_data/shards of docs/benchmarks.md
-    bash ../shared/gpu/fetch-wheels.sh litgpt==0.5.13 psutil==7.2.2 docstring-parser typeshed-client
-    # each device call (shape 124m, then 350m, then 1b):
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-      && export PYTHONPATH=/tmp/site:$PWD TORCH_CUDA_ARCH_LIST=9.0 || exit; \
-      python3 benchmarks/throughput.py --shapes 124m --data_dir .gpu_data/shards --out $OUT
-CPU smoke test (tiny shape, few steps, no compile, fp32, no autocast, foreach AdamW; litgpt skipped if absent):
-    python benchmarks/throughput.py --tiny --data_dir data/shakespeare/shards --vocab_size 4000
+GPU run (the packages the frameworks need beyond torch: litgpt 0.5.13, psutil, torchao 0.18, torchtitan 0.3.0 with
+spmd_types 0.2.3, tyro, typeguard, docstring-parser, torchdata, torch_checkpointing, ai2-olmo-core 3.0.0 with
+dataclass-extensions, bettermap, dill; llmtrain's own: jsonargparse, deepspeed; the 32000-token shards of
+docs/benchmarks.md):
+    python3 benchmarks/throughput.py --shapes 124m --baseline_variants shipped sdpa --profile 3 \
+        --data_dir .gpu_data/shards --out benchmark_out/throughput
+CPU smoke test (tiny shape, few steps, no compile, fp32, no autocast, foreach AdamW; frameworks not installed are
+reported as skipped, torchtitan's flex attention has no CPU backward):
+    python benchmarks/throughput.py --tiny --data_dir data/shakespeare/shards --vocab_size 4000 --baseline_variants shipped sdpa
 """
 
 from __future__ import annotations
@@ -53,7 +57,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 from llmtrain.model.config import ModelConfig  # noqa: E402  (the FLOPs formula and the GLU d_ff rule only)
 
-PEAK_FLOPS = 989e12  # H100 SXM dense bf16 datasheet figure, as in ../shared/gpu/NOTES.md
+PEAK_FLOPS = 989e12  # H100/H200 SXM dense bf16 datasheet figure
 SEQ = 2048
 SHAPES = {  # d_model, n_layer, n_head, micro-batch, llmtrain config
     "124m": (768, 12, 12, 16, "configs/llama-124m.yaml"),

@@ -56,3 +56,47 @@ def test_largest_micro_batch_is_read_off_the_line_through_two_peaks_of_otherwise
     pair = [{**r, "variant": v, "label": f"llmtrain ({v})", "micro_batch": mb, "peak_gib": peak}
             for r, (v, mb, peak) in zip(rows, [("mb4x+fp8", 16, 45.0), ("mb6x+fp8", 24, 61.0)])]
     assert largest_micro_batch(pair, memory_gib=140.0)[-1] == "| 1b | llmtrain (mb6x+fp8) | 13.0 | 2.00 | 60 |"
+
+
+def _row(impl, variant, mb, tps, shape="350m"):
+    return {"shape": shape, "impl": impl, "variant": variant, "label": impl, "micro_batch": mb,
+            "tokens_per_sec": tps, "step_ms": 1.0, "peak_gib": 20.0, "flops_per_token": 1e9}
+
+
+def test_every_ratio_is_taken_against_the_loop_at_the_same_micro_batch_and_precision():
+    from throughput import same_recipe_ratios
+
+    rows = [_row("baseline", "shipped", 8, 100.0), _row("baseline", "fp8", 8, 110.0),
+            _row("baseline", "mb4x", 32, 120.0), _row("llmtrain", "shipped", 8, 95.0),
+            _row("llmtrain", "fp8", 8, 99.0), _row("llmtrain", "mb4x+fp8", 32, 150.0),
+            _row("olmo_core", "fp8", 8, 88.0), _row("torchtitan", "sdpa", 8, 105.0),
+            _row("llmtrain", "shipped", 8, 50.0, shape="124m")]
+    ratios = same_recipe_ratios(rows)
+    assert ratios[3] == pytest.approx(0.95) and ratios[7] == pytest.approx(1.05)  # bf16 at 8 against bf16 at 8
+    assert ratios[4] == pytest.approx(0.9) and ratios[6] == pytest.approx(0.8)  # float8 against the loop's float8
+    assert 5 not in ratios and 8 not in ratios  # no float8 loop at 32, no loop at 124m: no ratio, not a wrong one
+
+
+def test_result_rows_give_mfu_against_the_datasheet_and_the_measured_ceiling_and_name_a_failure():
+    from throughput import result_rows
+
+    rows = [_row("baseline", "shipped", 8, 100_000.0), _row("llmtrain", "fp8", 8, 50_000.0),
+            {**_row("torchtitan", "shipped", 8, 0.0), "tokens_per_sec": None}]
+    del rows[2]["tokens_per_sec"]
+    rows[2]["skipped"] = "import failed: no DataParallelMeshDims"
+    lines = result_rows(rows, ceiling=500e12, tiny=False)
+    # 1e5 tokens/s x 1e9 FLOPs = 1e14: 10.1% of 989e12, 20.0% of the measured 500e12
+    assert lines[2] == "| 350m | baseline | 8 | bf16 | 100,000 | 10.1% | 20.0% | 1.0 | 20.0 | 1.000 |"
+    assert lines[3].startswith("| 350m | llmtrain | 8 | float8 | 50,000 |") and lines[3].endswith("| - |")
+    assert "import failed: no DataParallelMeshDims" in lines[4]
+
+
+def test_the_sdpa_lever_makes_torchtitan_rows_only():
+    import argparse
+
+    from throughput import rows
+
+    args = argparse.Namespace(only=["baseline", "torchtitan", "llmtrain"], variants=["shipped"],
+                              baseline_variants=["shipped", "sdpa", "fp8"])
+    assert rows(args) == [("baseline", "shipped"), ("baseline", "fp8"), ("torchtitan", "shipped"),
+                          ("torchtitan", "sdpa"), ("torchtitan", "fp8"), ("llmtrain", "shipped")]
