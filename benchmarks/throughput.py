@@ -1,4 +1,4 @@
-"""Training throughput on one GPU: a plain-PyTorch loop, litgpt, torchtitan and OLMo-core in the same loop, and
+r"""Training throughput on one GPU: a plain-PyTorch loop, litgpt, torchtitan and OLMo-core in the same loop, and
 `llmtrain fit`, each row at the same shape, micro-batch and precision (the same recipe).
 
 Rows, per shape (124m 768/12/12 mb16, 350m 1024/24/16 mb8, 1b 2048/16/16 mb4; vocab 32000, sequence 2048):
@@ -34,7 +34,8 @@ docs/benchmarks.md):
         --data_dir .gpu_data/shards --out benchmark_out/throughput
 CPU smoke test (tiny shape, few steps, no compile, fp32, no autocast, foreach AdamW; frameworks not installed are
 reported as skipped, torchtitan's flex attention has no CPU backward):
-    python benchmarks/throughput.py --tiny --data_dir data/shakespeare/shards --vocab_size 4000 --baseline_variants shipped sdpa
+    python benchmarks/throughput.py --tiny --data_dir data/shakespeare/shards --vocab_size 4000 \
+        --baseline_variants shipped sdpa
 """
 
 from __future__ import annotations
@@ -426,7 +427,8 @@ def run_worker(impl: str, shape: str, micro_batch: int, variant: str, args: argp
     """One loop row in its own process (fresh dynamo caches and peak-memory counter); the result is its last line.
     A row that fails or outlasts --row_timeout is reported with the last line of its error."""
     cmd = [sys.executable, str(Path(__file__).resolve()), "--_worker", impl, "--shapes", shape,
-           "--baseline_variants", variant, "--micro_batch_size", str(micro_batch), "--steps", str(args.steps), "--warmup", str(args.warmup),
+           "--baseline_variants", variant, "--micro_batch_size", str(micro_batch),
+           "--steps", str(args.steps), "--warmup", str(args.warmup),
            "--vocab_size", str(args.vocab_size), "--profile", str(args.profile), "--out", str(args.out),
            *(["--tiny"] if args.tiny else [])]
     log = args.out / "log.txt"
@@ -498,7 +500,8 @@ def table(results: list[dict], args: argparse.Namespace) -> str:
 def result_rows(results: list[dict], ceiling: Optional[float], tiny: bool) -> list[str]:
     """The table's header and one line per row; MFU against the datasheet peak and the measured `ceiling`."""
     lines = ["| shape | implementation | micro-batch | precision | tokens/s | MFU (989) | MFU (measured peak) "
-             "| step time (ms) | peak GPU memory (GiB) | vs loop (same recipe) |", "|---|---|---|---|---|---|---|---|---|---|"]
+             "| step time (ms) | peak GPU memory (GiB) | vs loop (same recipe) |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     ratios = same_recipe_ratios(results)
     for i, r in enumerate(results):
         precision = "float8" if "fp8" in row_levers(r) else "bf16"
