@@ -346,6 +346,8 @@ def llmtrain_config(shape: str, args: argparse.Namespace, levers: tuple[str, ...
             "start_step": monitored_step(args), "num_steps": 1,
             "output": str(args.out / f"profile_{name}_monitored.md")}})
     config["trainer"]["callbacks"] = callbacks
+    # The loop's recipe: one micro-batch per optimizer step (the configs' global batch would accumulate).
+    config["data"]["global_batch_size"] = None
     path = args.out / f"{name}.yaml"
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     return path
