@@ -211,7 +211,6 @@ class Attention(nn.Module):
     def project(self, x: Tensor, positions: PositionContext) -> tuple[Tensor, Tensor, Tensor]:
         """x (B, T, d_model) -> q, k, v (B, n_head, T, head_dim), after qk-norm, RoPE and the GQA repeat."""
         B, T, _ = x.shape
-        x = x.reshape(B * T, -1)  # 2D, so that compiled q/k/v projections can fuse (LanguageModel.fuse_projections)
         q = self.q_norm(self.q_proj(x).view(B, T, self.n_head, self.head_dim)).transpose(1, 2)  # (B, H, T, hd)
         k = self.k_norm(self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim)).transpose(1, 2)  # (B, KV, T, hd)
         v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, KV, T, hd)

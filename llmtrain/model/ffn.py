@@ -37,8 +37,7 @@ class GLU(nn.Module):
         self.down_proj = nn.Linear(d_ff, d_model, bias=bias)  # output projection: scaled init (Decoder)
 
     def forward(self, x: Tensor) -> Tensor:  # (B, T, d_model) -> (B, T, d_model)
-        h = x.reshape(-1, x.shape[-1])  # 2D, so that compiled gate/up can fuse (LanguageModel.fuse_projections)
-        return self.down_proj(self.activation(self.gate_proj(h)) * self.up_proj(h)).view(x.shape)  # hidden (B·T, d_ff)
+        return self.down_proj(self.activation(self.gate_proj(x)) * self.up_proj(x))  # hidden (B, T, d_ff)
 
 
 # name -> (class, activation). gelu is the exact erf form, as in the GEGLU paper.

@@ -41,7 +41,6 @@ class LanguageModel(pl.LightningModule):
         compile_mode: CompileMode = "default",
         activation_checkpointing: bool = False,
         float8: bool = False,
-        fuse_projections: bool = False,
         init_from: Optional[str] = None,
     ) -> None:
         """
@@ -57,10 +56,6 @@ class LanguageModel(pl.LightningModule):
             float8: train every Linear but the LM head with float8 matmuls (torchao's dynamic tensorwise
                 scaling; needs a GPU of compute capability >= 8.9 and `pip install torchao`). Pays at ~1B
                 parameters and above, costs at 124M (docs/benchmarks.md).
-            fuse_projections: under torch.compile, run the bf16 projections that read one input (q, k and v; gate
-                and up) as one matmul on their concatenated weights, through inductor's `batch_linear_lhs` pass.
-                Parameters, checkpoints and metrics stay per projection. Off until measured on GPU
-                (docs/benchmarks.md, pending).
             init_from: a checkpoint (file or ZeRO folder; `llmtrain import` makes one from Hugging Face) whose
                 weights the model starts from, loaded after it is built; optimizer, schedule and step start fresh.
                 Its model config must equal this one (every differing field is named). To resume a run, use
@@ -87,12 +82,11 @@ class LanguageModel(pl.LightningModule):
         self.compile_mode = compile_mode
         self.activation_checkpointing = activation_checkpointing
         self.float8 = float8
-        self.fuse_projections = fuse_projections
         self.init_from = init_from
         self.save_hyperparameters({"config": asdict(config), "optim": asdict(self.optim_config),
                                    "z_loss_coef": z_loss_coef, "compile": compile, "compile_mode": compile_mode,
                                    "activation_checkpointing": activation_checkpointing, "float8": float8,
-                                   "fuse_projections": fuse_projections, "init_from": init_from})
+                                   "init_from": init_from})
         self.model: Optional[Decoder] = None
         self._loss_fn = self._forward_loss
         self._grad_norm: Optional[torch.Tensor] = None  # this step's, see gradient_norm()
@@ -132,16 +126,10 @@ class LanguageModel(pl.LightningModule):
             self._loss_fn = torch.compile(self._forward_loss, options=self._compile_options())
 
     def _compile_options(self) -> dict[str, Any]:
-        """Inductor options: the compile mode's (torch.compile takes a mode or options, not both), plus the
-        projection fusion. The pass matches linears on a 2D input, which is why Attention and GLU flatten theirs."""
+        """Inductor options of the compile mode (torch.compile takes a mode or options, not both)."""
         from torch._inductor import list_mode_options
 
-        options = dict(list_mode_options(self.compile_mode))
-        if self.fuse_projections:
-            # Pairs and triples, and a search deep enough to reach the SDPA where q, k and v meet (past RoPE).
-            options["pre_grad_fusion_options"] = {"batch_linear_lhs": {"min_fuse_set_size": 2,
-                                                                       "max_fuse_search_depth": 10}}
-        return options
+        return dict(list_mode_options(self.compile_mode))
 
     def _forward_loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         logits = self.model(batch["input_ids"], batch.get("document_ids"), batch.get("position_ids"))

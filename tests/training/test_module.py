@@ -122,29 +122,6 @@ def test_compile_mode_is_checked_and_kept_in_the_checkpoint():
         "compile_mode"] == "reduce-overhead"
 
 
-def test_fused_projections_run_as_one_matmul_each_and_train_as_the_separate_ones():
-    from torch._dynamo.utils import counters
-
-    config = ModelConfig(**{**TINY, "n_kv_head": 1})  # q and k/v of different widths
-    batch = {"input_ids": torch.randint(0, 64, (2, 16)), "labels": torch.randint(0, 64, (2, 16))}
-    results = []
-    for scope, fuse in (("off", False), ("model", True)):
-        torch.manual_seed(0)
-        module = LanguageModel(config, compile=scope, fuse_projections=fuse)
-        module.configure_model()
-        counters.clear()
-        # No compile caches: a cache hit skips the pass, and its counter.
-        with torch._inductor.config.patch(fx_graph_cache=False), \
-                torch._functorch.config.patch(enable_autograd_cache=False):
-            ce, z = module._loss_fn(batch)
-            (ce + 1e-2 * z).backward()
-        results.append([ce.detach(), z.detach(), *(p.grad for p in module.parameters())])
-    assert counters["inductor"]["batch_linear_lhs"] == 2 * TINY["n_layer"]  # q/k/v and gate/up, per block
-    for eager, fused in zip(*results):
-        torch.testing.assert_close(fused, eager, rtol=1e-4, atol=1e-6)
-    assert module.hparams["fuse_projections"] is True
-
-
 class _StepRecord(pl.Callback):
     """What each optimizer step trained with, keyed by Lightning's logging step: the mean loss of its micro-batches
     (Lightning hands each micro-batch's loss over divided by their number) and the learning rate it used."""
