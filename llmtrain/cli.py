@@ -22,6 +22,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.strategies import DeepSpeedStrategy
 
 from llmtrain.checkpointing.resume import newest_checkpoint, refuse_checkpoint_of_another_strategy
+from llmtrain.compat import parser_options
 
 DEBUG_VARIABLE = "LLMTRAIN_DEBUG"
 
@@ -84,8 +85,7 @@ def _usage_message(message: str, parser: LightningArgumentParser) -> str:
         return f"{key}={value.strip()!r} is invalid: choose one of {', '.join(names)}"
     unknown = re.match(r"unrecognized arguments: (.*)", message, re.S)
     if unknown:
-        # argparse's list of the parser's options (the standard library's; jsonargparse keeps it as it is).
-        options = [o for a in parser._actions for o in a.option_strings if o.startswith("--")]
+        options = parser_options(parser)
         hints = []
         for given in unknown.group(1).split():
             if given.startswith("--"):

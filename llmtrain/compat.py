@@ -140,3 +140,38 @@ def set_found_inf(optimizer: Any, flag: Optional[Any]) -> None:
             del optimizer.found_inf
     else:
         optimizer.found_inf = flag
+
+
+# ---------------------------------------------------------------------------- torch's semi-private entry points
+
+
+def foreach_norm(tensors: list[Any]) -> list[Any]:
+    """The L2 norm of each tensor in one multi-tensor kernel launch (`torch._foreach_norm`; the public
+    get_total_norm returns only their combined norm)."""
+    import torch
+
+    return torch._foreach_norm(tensors)
+
+
+def compile_mode_options(mode: str) -> dict[str, Any]:
+    """The inductor options a torch.compile mode stands for (`torch._inductor.list_mode_options`): torch.compile
+    takes a mode or options, not both."""
+    from torch._inductor import list_mode_options
+
+    return dict(list_mode_options(mode))
+
+
+def checkpoint_wrapper(module: Any) -> Any:
+    """torch's activation-checkpointing module wrapper (`torch.distributed.algorithms._checkpoint`), the one FSDP and
+    torchtitan use; it keeps the wrapped module's parameter and state-dict names."""
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper as wrap
+
+    return wrap(module)
+
+
+# ----------------------------------------------------------------------------------------- argparse (cli)
+
+
+def parser_options(parser: Any) -> list[str]:
+    """Every long option a (jsonargparse or argparse) parser knows, from argparse's own `_actions` list."""
+    return [option for action in parser._actions for option in action.option_strings if option.startswith("--")]

@@ -214,3 +214,32 @@ def test_deepspeed_global_grad_norm_is_known_before_the_update() -> None:
 
     assert abs(seen - expected) <= 1e-5 * expected, \
         f"deepspeed {deepspeed.__version__}: ZeRO's _global_grad_norm is {seen}, the gradients' norm is {expected}"
+
+
+# ---------------------------------------------------------------------------- torch's semi-private entry points
+
+
+def test_foreach_norm_is_each_tensors_l2_norm() -> None:
+    tensors = [torch.tensor([3.0, 4.0]), torch.ones(4)]
+    assert [float(n) for n in compat.foreach_norm(tensors)] == [5.0, 2.0], f"torch {torch.__version__}"
+
+
+def test_compile_mode_options_name_cuda_graphs_for_reduce_overhead() -> None:
+    assert compat.compile_mode_options("reduce-overhead").get("triton.cudagraphs") is True
+    assert compat.compile_mode_options("default") == {}
+
+
+def test_checkpoint_wrapper_keeps_parameter_names_and_trains() -> None:
+    wrapped = compat.checkpoint_wrapper(torch.nn.Linear(2, 2))
+    assert [name for name, _ in wrapped.named_parameters()] == ["weight", "bias"], f"torch {torch.__version__}"
+    assert list(wrapped.state_dict()) == ["weight", "bias"]
+    wrapped(torch.ones(1, 2, requires_grad=True)).sum().backward()
+    assert wrapped._checkpoint_wrapped_module.weight.grad is not None
+
+
+def test_parser_options_lists_long_options() -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--model.config.norm")
+    assert "--model.config.norm" in compat.parser_options(parser)

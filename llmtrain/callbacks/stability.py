@@ -31,6 +31,7 @@ from lightning.pytorch.strategies import DeepSpeedStrategy
 from torch import Tensor, nn
 
 from llmtrain.checkpointing.readers import unwrapped_name
+from llmtrain.compat import foreach_norm
 from llmtrain.model.attention import Attention, allowed_mask
 from llmtrain.training.loss import IGNORE_INDEX
 from llmtrain.training.step_log import log_step, log_values
@@ -416,4 +417,4 @@ class WeightMonitor(pl.Callback):
 
 def norms(tensors: list[Tensor]) -> Tensor:
     """(N,) L2 norm of each tensor, in torch's multi-tensor kernels."""
-    return torch.stack(torch._foreach_norm(tensors))
+    return torch.stack(foreach_norm(tensors))

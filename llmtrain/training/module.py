@@ -9,11 +9,10 @@ from typing import Any, Literal, Optional, Union, get_args
 
 import lightning.pytorch as pl
 import torch
-from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 
 from llmtrain.checkpointing.hf_import import load_initial_weights
 from llmtrain.checkpointing.save import refuse_nonfinite_weights
-from llmtrain.compat import should_accumulate
+from llmtrain.compat import checkpoint_wrapper, compile_mode_options, should_accumulate
 from llmtrain.model import ConfigError, Decoder, ModelConfig
 from llmtrain.training.loss import cross_entropy_and_z
 from llmtrain.training.optim import OptimConfig, ScheduleLR, build_optimizer
@@ -127,9 +126,7 @@ class LanguageModel(pl.LightningModule):
 
     def _compile_options(self) -> dict[str, Any]:
         """Inductor options of the compile mode (torch.compile takes a mode or options, not both)."""
-        from torch._inductor import list_mode_options
-
-        return dict(list_mode_options(self.compile_mode))
+        return compile_mode_options(self.compile_mode)
 
     def _forward_loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         logits = self.model(batch["input_ids"], batch.get("document_ids"), batch.get("position_ids"))
