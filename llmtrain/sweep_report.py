@@ -27,7 +27,7 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from statistics import mean, stdev
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterator, Optional
 
 from llmtrain.events import read_scalars, wall_clock
 from llmtrain.report import ATTN_MAX, OUTPUT_LOGIT_TAG, VAL_LOSS_TAG, _fmt, strict_json, summarize_run
@@ -283,32 +283,37 @@ def _diverged(runs: list[RunRecord]) -> str:
     return f"{len(diverged)} ({', '.join(str(r.diverged_step) for r in diverged)})" if diverged else "0"
 
 
+def _groups(manifest: dict[str, Any], records: list[RunRecord]
+            ) -> Iterator[tuple[Optional[float], str, list[RunRecord], list[RunRecord]]]:
+    """(lr, variant, its runs, the finished ones) for every cell of the sweep that has runs, in table order."""
+    for lr in _lrs(records):
+        for variant in manifest["variants"]:
+            runs = [r for r in records if r.variant == variant and r.lr == lr]
+            if runs:
+                yield lr, variant, runs, [r for r in runs if r.status == "finished"]
+
+
 def sweep_table(manifest: dict[str, Any], records: list[RunRecord],
                 compared: dict[tuple[str, Optional[float]], Comparison]) -> str:
     lines = ["| variant | LR | runs ok | N (non-emb.) | d_model / n_layer / d_ff | final val loss | Δ vs baseline "
              "(paired) | 95% CI of Δ | verdict | val bpb | tokens/s | peak GPU mem (GiB) | wall (min) "
              "| max attn logit | max output logit | spikes | diverged (steps) |", "|" + "---|" * 17]
-    for lr in _lrs(records):
-        for variant in manifest["variants"]:
-            runs = [r for r in records if r.variant == variant and r.lr == lr]
-            if not runs:
-                continue
-            ok = [r for r in runs if r.status == "finished"]
-            comparison = compared.get((variant, lr))
-            delta, interval, verdict = ((comparison.delta, comparison.interval, comparison.verdict) if comparison
-                                        else ("", "", "baseline"))
-            other = [f"{sum(r.status == s for r in runs)} {s}" for s in ("failed", "pending")
-                     if any(r.status == s for r in runs)]
-            shape = runs[0].shape
-            lines.append(
-                f"| {variant} | {_fmt(lr) if lr is not None else 'base'} | {len(ok)}/{len(runs)}"
-                f"{' (' + ', '.join(other) + ')' if other else ''} | {_count(runs[0].params)} "
-                f"| {shape.get('d_model', '-')} / {shape.get('n_layer', '-')} / {shape.get('d_ff', '-')} "
-                f"| {_cell(ok, 'final_val_loss', None)} | {delta} | {interval} | {verdict} "
-                f"| {_cell(ok, 'final_val_bpb', None)} | {_cell(ok, 'tokens_per_sec', _thousands)} "
-                f"| {_cell(ok, 'gpu_mem_peak_gib')} | {Spread.of([r.wall_s / 60 for r in ok], lambda v: f'{v:.3g}')} "
-                f"| {_cell(runs, 'max_attn_logit')} | {_cell(runs, 'max_output_logit')} "
-                f"| {_cell(runs, 'spikes', lambda v: f'{v:.3g}')} | {_diverged(runs)} |")
+    for lr, variant, runs, ok in _groups(manifest, records):
+        comparison = compared.get((variant, lr))
+        delta, interval, verdict = ((comparison.delta, comparison.interval, comparison.verdict) if comparison
+                                    else ("", "", "baseline"))
+        other = [f"{sum(r.status == s for r in runs)} {s}" for s in ("failed", "pending")
+                 if any(r.status == s for r in runs)]
+        shape = runs[0].shape
+        lines.append(
+            f"| {variant} | {_fmt(lr) if lr is not None else 'base'} | {len(ok)}/{len(runs)}"
+            f"{' (' + ', '.join(other) + ')' if other else ''} | {_count(runs[0].params)} "
+            f"| {shape.get('d_model', '-')} / {shape.get('n_layer', '-')} / {shape.get('d_ff', '-')} "
+            f"| {_cell(ok, 'final_val_loss', None)} | {delta} | {interval} | {verdict} "
+            f"| {_cell(ok, 'final_val_bpb', None)} | {_cell(ok, 'tokens_per_sec', _thousands)} "
+            f"| {_cell(ok, 'gpu_mem_peak_gib')} | {Spread.of([r.wall_s / 60 for r in ok], lambda v: f'{v:.3g}')} "
+            f"| {_cell(runs, 'max_attn_logit')} | {_cell(runs, 'max_output_logit')} "
+            f"| {_cell(runs, 'spikes', lambda v: f'{v:.3g}')} | {_diverged(runs)} |")
     return "\n".join(lines)
 
 
@@ -522,19 +527,14 @@ def summary_data(manifest: dict[str, Any], records: list[RunRecord], noise: Opti
                  compared: dict[tuple[str, Optional[float]], Comparison]) -> dict[str, Any]:
     """The numbers of summary.md as data (summary.json): per variant and LR, per variant, per run."""
     cells = []
-    for lr in _lrs(records):
-        for variant in manifest["variants"]:
-            runs = [r for r in records if r.variant == variant and r.lr == lr]
-            if not runs:
-                continue
-            ok = [r for r in runs if r.status == "finished"]
-            loss = _cell(ok, "final_val_loss")
-            comparison = compared.get((variant, lr))
-            cells.append({"variant": variant, "lr": lr, "runs": len(runs), "finished": len(ok),
-                          "final_val_loss": {"mean": loss.mean, "std": loss.std, "n": loss.n},
-                          "vs_baseline": comparison.as_dict() if comparison else None,
-                          "diverged": [{"seed": r.seed, "step": r.diverged_step} for r in runs
-                                       if r.status == "diverged"]})
+    for lr, variant, runs, ok in _groups(manifest, records):
+        loss = _cell(ok, "final_val_loss")
+        comparison = compared.get((variant, lr))
+        cells.append({"variant": variant, "lr": lr, "runs": len(runs), "finished": len(ok),
+                      "final_val_loss": {"mean": loss.mean, "std": loss.std, "n": loss.n},
+                      "vs_baseline": comparison.as_dict() if comparison else None,
+                      "diverged": [{"seed": r.seed, "step": r.diverged_step} for r in runs
+                                   if r.status == "diverged"]})
     variants = []
     for variant in manifest["variants"]:
         runs = [r for r in records if r.variant == variant]
