@@ -21,11 +21,11 @@ from typing import Any, Callable
 
 import lightning.pytorch as pl
 import torch
-import yaml
 from lightning.pytorch.loggers import TensorBoardLogger
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from llmtrain.callbacks import AttentionMonitor, LogitMonitor, SpikeDetector, WeightMonitor  # noqa: E402
+from llmtrain.config_files import resolved_config  # noqa: E402
 from llmtrain.model import ModelConfig  # noqa: E402
 from llmtrain.training.module import LanguageModel  # noqa: E402
 from llmtrain.training.optim import OptimConfig  # noqa: E402
@@ -98,7 +98,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("benchmark_out/monitor_cost"))
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
-    configs = {"tiny": TINY} if args.tiny else {Path(c).stem: yaml.safe_load(Path(c).read_text()) for c in args.configs}
+    configs = {"tiny": TINY} if args.tiny else {Path(c).stem: resolved_config(c) for c in args.configs}
     rows = ["| config | callback | monitored step (ms) | other steps (ms) |", "|---|---|---|---|"]
     results = {}
     for stem, config in configs.items():

@@ -37,6 +37,7 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 from llmtrain.events import read_scalars  # noqa: E402
+from llmtrain.config_files import resolved_config  # noqa: E402
 
 STABILITY_CALLBACKS = ("LogitMonitor", "AttentionMonitor", "WeightMonitor", "SpikeDetector")
 MONITORS = STABILITY_CALLBACKS[:3]
@@ -60,7 +61,7 @@ def write_config(source: str, out: Path, stability: bool, every: Optional[int], 
                  spike_action: Optional[str] = None, spike_warmup: Optional[int] = None) -> Path:
     """`source` with (or without) the stability callbacks, monitors every `every` steps if given, checkpoints
     only at the end, Throughput windows of 10 steps."""
-    config = yaml.safe_load((REPO / source).read_text())
+    config = resolved_config(REPO / source)
     callbacks = []
     for entry in config["trainer"].get("callbacks") or []:
         name = callback_name(entry)
@@ -165,7 +166,7 @@ def split_cost(windows: dict[int, float], every: int) -> dict[str, float]:
 
 
 def tokens_per_step(config_path: Path, args: argparse.Namespace) -> int:
-    config = yaml.safe_load(config_path.read_text())
+    config = resolved_config(config_path)
     seq = 64 if args.tiny else config["data"]["seq_len"]
     batch = 8 if args.tiny else config["data"]["micro_batch_size"]
     return seq * batch  # per device; the ratio is what matters
@@ -173,7 +174,7 @@ def tokens_per_step(config_path: Path, args: argparse.Namespace) -> int:
 
 def monitor_interval(config_path: Path) -> int:
     """The monitors' every_n_steps (they share one in the shipped configs; the smallest otherwise)."""
-    config = yaml.safe_load(config_path.read_text())
+    config = resolved_config(config_path)
     intervals = [entry["init_args"].get("every_n_steps", 100) for entry in config["trainer"]["callbacks"]
                  if callback_name(entry) in MONITORS]
     return min(intervals)

@@ -57,6 +57,7 @@ import torch.nn.functional as F
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 from llmtrain.model.config import ModelConfig  # noqa: E402  (the FLOPs formula and the GLU d_ff rule only)
+from llmtrain.config_files import resolved_config  # noqa: E402
 
 PEAK_FLOPS = 989e12  # H100/H200 SXM dense bf16 datasheet figure
 SEQ = 2048
@@ -325,7 +326,7 @@ def llmtrain_config(shape: str, args: argparse.Namespace, levers: tuple[str, ...
     import yaml
 
     steps, warmup, name = args.steps, args.warmup, row_name(shape, levers)
-    config = yaml.safe_load((REPO / SHAPES[shape][4]).read_text())
+    config = resolved_config(REPO / SHAPES[shape][4])
     callbacks = []
     for entry in config["trainer"].get("callbacks") or []:
         callback = entry["class_path"].rsplit(".", 1)[-1]

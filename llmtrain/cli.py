@@ -23,6 +23,7 @@ from lightning.pytorch.strategies import DeepSpeedStrategy
 
 from llmtrain.checkpointing.resume import newest_checkpoint, refuse_checkpoint_of_another_strategy
 from llmtrain.compat import parser_options
+from llmtrain.config_files import expand_config_arguments
 
 DEBUG_VARIABLE = "LLMTRAIN_DEBUG"
 
@@ -265,6 +266,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     try:
         if argv[0] in TOOL_COMMANDS:
             return _tool(argv[0])(argv[1:])
+        # A config file with a `base` goes to LightningCLI resolved (llmtrain.config_files).
+        if given is None:
+            sys.argv[1:] = expand_config_arguments(sys.argv[1:])
+        else:
+            given = expand_config_arguments(given)
         try:
             run_lightning(given)  # None: LightningCLI reads sys.argv itself (and warns if given both)
         finally:

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-import yaml
+from llmtrain.config_files import ConfigFileError, resolved_config
 
 TEMPLATE = Path(__file__).resolve().parents[1] / "launch" / "slurm" / "llmtrain.sbatch"
 PREEMPTION_CALLBACK = "llmtrain.callbacks.preemption.PreemptionCheckpoint"
@@ -118,9 +118,9 @@ def _config_callbacks(configs: list[Path]) -> list[str]:
     trainer: dict = {}
     for config in configs:  # a later config replaces the logger and the callback list of an earlier one
         try:
-            trainer.update((yaml.safe_load(config.read_text()) or {}).get("trainer") or {})
-        except yaml.YAMLError as error:
-            raise SubmitError(f"--config {config}: not valid YAML: {error}") from None
+            trainer.update(resolved_config(config).get("trainer") or {})
+        except ConfigFileError as error:
+            raise SubmitError(f"--config {config}: {error}") from None
     logger = trainer.get("logger")
     if not (isinstance(logger, dict) and "class_path" in logger):
         raise SubmitError(f"--config {' '.join(map(str, configs))}: trainer.logger must be one logger given by "

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal, Optional, get_args
+from typing import Any, Literal, Optional, get_args
 
 # Literal types: `llmtrain fit --help` lists the choices; __post_init__ still checks them, for configs built in Python.
 Norm = Literal["rmsnorm", "layernorm"]
@@ -94,6 +94,15 @@ class ModelConfig:
     tie_embeddings: bool = False
     init_std: float = 0.02
     attention_backend: AttentionBackend = "auto"
+
+    @classmethod
+    def from_name(cls, name: str, **overrides: Any) -> "ModelConfig":
+        """A named shape (llmtrain.model.presets.PRESETS, e.g. "llama-124m") with `overrides` on top."""
+        from llmtrain.model.presets import PRESETS
+
+        if name not in PRESETS:
+            raise ConfigError(f"model preset {name!r} is unknown: choose one of {', '.join(PRESETS)}")
+        return cls(**{**PRESETS[name], **overrides})
 
     def __post_init__(self) -> None:
         for field in ("vocab_size", "max_seq_len", "d_model", "n_layer", "n_head", "ffn_multiple_of"):

@@ -20,9 +20,9 @@ import lightning as L
 import numpy as np
 import pytest
 import torch
-import yaml
 
 from llmtrain.cli import main as llmtrain_main
+from llmtrain.config_files import resolved_config
 from llmtrain.data.datamodule import TokenDataModule
 from llmtrain.data.shards import PrepareError, ShardError, prepare, read_metadata
 from llmtrain.data.sources import SourceError, parse_source
@@ -150,7 +150,7 @@ def test_a_resume_that_changes_tokens_per_step_is_refused_unless_allowed(tmp_pat
 @pytest.mark.parametrize("config, tokens", [("quickstart", 32 * 128), ("llama-124m", 524_288),
                                             ("llama-350m", 524_288), ("llama-1b", 1_048_576)])
 def test_shipped_configs_fix_the_global_batch(config: str, tokens: int) -> None:
-    data = yaml.safe_load((REPO / "configs" / f"{config}.yaml").read_text())["data"]
+    data = resolved_config(REPO / "configs" / f"{config}.yaml")["data"]
     assert data["global_batch_size"] * data["seq_len"] == tokens
     assert data["global_batch_size"] % data["micro_batch_size"] == 0  # accumulation follows on one device
 
