@@ -44,6 +44,7 @@ from typing import Any, Callable, Optional, Union
 
 import yaml
 
+from llmtrain.config_files import merged, resolved_config
 from llmtrain.model.config import ConfigError, ModelConfig
 
 SPEC_KEYS = ("name", "description", "base", "overrides", "seeds", "lrs", "match", "baseline", "variants", "grid")
@@ -146,16 +147,6 @@ def apply_overrides(config: dict[str, Any], overrides: dict[str, Any]) -> dict[s
     return config
 
 
-def _merge(into: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
-    """Later config files win key by key (dicts merge, lists and values replace), as `--config A --config B`."""
-    for key, value in new.items():
-        if isinstance(value, dict) and isinstance(into.get(key), dict):
-            _merge(into[key], value)
-        else:
-            into[key] = copy.deepcopy(value)
-    return into
-
-
 @dataclass
 class SweepSpec:
     path: Path
@@ -200,7 +191,7 @@ class SweepSpec:
             if not Path(base).is_file():
                 raise fail("base", f"config {base} does not exist (relative paths are from the current "
                                    "directory, the repository root)")
-            _merge(base_config, yaml.safe_load(Path(base).read_text()) or {})
+            base_config = merged(base_config, resolved_config(base))
 
         seeds = raw["seeds"]
         if not isinstance(seeds, list) or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds) \
