@@ -1,4 +1,4 @@
-"""llmtrain.checkpoint: ZeRO / single-file conversion, checked against the DeepSpeed engine's own fp32 weights
+"""llmtrain.checkpointing.convert: ZeRO / single-file conversion, checked against the DeepSpeed engine's own fp32 weights
 (Hugging Face export and import: tests/checkpointing/test_hf.py)."""
 
 from __future__ import annotations
