@@ -19,9 +19,9 @@ import torch
 from fsspec.utils import get_protocol
 from lightning.fabric.plugins import TorchCheckpointIO
 from torch import nn
+from torch.nn.utils import get_total_norm
 
 from llmtrain.files import fsync_folder, write_atomically
-from torch.nn.utils import get_total_norm
 
 
 class NonFiniteWeights(RuntimeError):
