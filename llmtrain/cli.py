@@ -114,6 +114,15 @@ class LLMTrainCLI(LightningCLI):
         """fit, validate, test: LanguageModel has no predict_step, so `predict` is not offered."""
         return {name: skip for name, skip in LightningCLI.subcommands().items() if name in LIGHTNING_COMMANDS}
 
+    def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
+        """LightningCLI's parsing, with every `--config` file that has a `base` handed over resolved
+        (llmtrain.config_files). sys.argv stays as the user typed it: the resume command that a preemption prints
+        names the user's config files, not the temporary resolved ones."""
+        if isinstance(args, dict) or (args is not None and not isinstance(args, list)):
+            super().parse_arguments(parser, args)
+            return
+        self.config = parser.parse_args(expand_config_arguments(sys.argv[1:] if args is None else args))
+
     def before_instantiate_classes(self) -> None:
         """A GPU config on a machine without one fails here, in one line, not deep inside the Trainer."""
         accelerator = self.config.get(str(self.subcommand), self.config).get("trainer", {}).get("accelerator")
@@ -266,11 +275,6 @@ def main(argv: Optional[list[str]] = None) -> int:
     try:
         if argv[0] in TOOL_COMMANDS:
             return _tool(argv[0])(argv[1:])
-        # A config file with a `base` goes to LightningCLI resolved (llmtrain.config_files).
-        if given is None:
-            sys.argv[1:] = expand_config_arguments(sys.argv[1:])
-        else:
-            given = expand_config_arguments(given)
         try:
             run_lightning(given)  # None: LightningCLI reads sys.argv itself (and warns if given both)
         finally:

@@ -58,3 +58,18 @@ def test_the_cli_gets_one_resolved_file_and_other_arguments_untouched() -> None:
     expanded = expand_config_arguments(argv)
     assert expanded[3:] == argv[3:] and expanded[:2] == argv[:2]  # zero2.yaml has no base: passed as it is
     assert yaml.safe_load(Path(expanded[2]).read_text()) == resolved_config(argv[2])
+
+
+def test_fit_parses_the_resolved_config_and_leaves_the_command_line_as_typed(monkeypatch, capsys) -> None:
+    from llmtrain.cli import main
+
+    argv = ["llmtrain", "fit", "--config", "configs/llama-124m.yaml", "--trainer.accelerator", "cpu", "--print_config"]
+    monkeypatch.setattr("sys.argv", list(argv))
+    monkeypatch.chdir(REPO)
+    with pytest.raises(SystemExit) as stop:  # --print_config prints and exits 0
+        main()
+    assert stop.value.code in (0, None)
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["model"]["config"]["d_model"] == 768 and len(printed["trainer"]["callbacks"]) == 7
+    import sys
+    assert sys.argv == argv  # what a preemption's resume command is built from
