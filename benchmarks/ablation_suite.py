@@ -1,28 +1,32 @@
-"""The ablation suite (configs/ablations/*.yaml) scaled down to one GPU and a few minutes, reported under --out.
+"""The ablation suite (configs/ablations/*.yaml) on one GPU: many runs at once, each run once, reported under --out.
 
-For each topic (a shipped spec) it writes a derived spec: the same variants, grid, match, baseline and LRs, the
-first --seeds of the shipped seeds, and as base the shipped configs/ablations/base.yaml followed by a scale config
-(model size, vocab, sequence, steps, warmup, validation, data_dir, compile). Warmup steps (the base's 500 and
-norm_position's grid value) are scaled by steps/10000, and d_ff values given at width 512 (ffn_activation,
-ffn_ratio) by d_model/512. Every run is its own `llmtrain sweep SPEC --index I` process (a failed run does not stop
-the others); --parallel K of them share the GPU at once: the seed_noise runs first (the spread every other topic
-is read against), then seed-major over the topics in TOPICS order (every topic's seed-1 runs first, so a suite cut
-short still holds paired comparisons). No run starts that would not end before --time_budget_s; runs still going
-then are stopped and reported as pending. If the whole first wave fails, the rest is cancelled (a set-up error).
-Then `llmtrain report` of each sweep.
+For each topic (a shipped spec) it writes a derived spec: the shipped variants, grid, match, baseline and LRs, the
+first --seeds of the shipped seeds, and as base configs/ablations/base.yaml followed by a scale config that holds
+only what the flags change (data_dir, and for another scale: model size, steps, micro-batch; --tiny: a CPU toy).
+Warmup steps (the base's and norm_position's grid value) are scaled by steps / the base's steps, and d_ff values
+given at the base width by d_model / the base width. Every run is its own `llmtrain sweep SPEC --index I` process
+(a failed run does not stop the others); --parallel K of them share the GPU at once, seed-major over the topics in
+TOPICS order (every topic's seed-1 runs first, so a suite cut short still holds paired comparisons).
 
-Only these files are written under --out (the device tool returns at most 8 files):
+Each distinct run trains once. Runs of different topics with the same resolved settings (the base config is the
+baseline of most topics) share the sweep fingerprint: the first one trains and the others receive a copy of its
+folder. `--reuse DIR ...` does the same with the finished runs of earlier calls (their runs_<name>.tar.gz
+unpacked), so a suite larger than one call continues where the last call stopped.
+
+No run starts that would not end before --time_budget_s; runs still going then are stopped and reported as pending.
+If the whole first wave fails, the rest is cancelled (a set-up error). Then `llmtrain report` of each sweep.
+
+Only these files are written under --out:
   plan.md                    the scale, the budget arithmetic, the derived specs as a table
   summary.md                 plan, what ran, and every topic's report (markdown) one after another
   ablations_<name>.tar.gz    <topic>/summary.md and PNGs, specs/, plan.md, fit.log tails of failed runs
   runs_<name>.tar.gz         the sweep folders without checkpoints (sweep.json, result.json, config.yaml, events):
-                             `llmtrain report <topic>` re-makes any report from them
+                             `llmtrain report <topic>` re-makes any report from them; `--reuse` reads them
   suite.log                  what the runner printed
 The runs themselves stay in --work.
 
-On one GPU (carry [".whl", ".abl_data"]; shards from data/get_corpus.py; the exact calls of the recorded run and
-their timings are in docs/ablations.md):
-  python3 benchmarks/ablation_suite.py --topics group1 --out $OUT      # then group2: ~7.5 min each
+On one GPU (the exact calls of the recorded runs and their timings are in docs/ablations.md):
+  python3 benchmarks/ablation_suite.py --data_dir data/corpus/shards --out OUT [--reuse PREVIOUS/runs_*]
 CPU smoke test (toy size, fp32, a handful of steps):
   python benchmarks/ablation_suite.py --tiny --topics weight_decay --data_dir .abl_data/shards --out /tmp/abl
 """
@@ -52,25 +56,21 @@ from llmtrain.sweep import SpecError, SweepSpec, expand_runs, read_result, write
 
 ABLATIONS = REPO / "configs" / "ablations"
 BASE = ABLATIONS / "base.yaml"
-BASE_STEPS, BASE_WIDTH = 10000, 512  # the shipped base's trainer.max_steps and d_model
 RESULTS = ("finished", "diverged")  # run statuses that are results (the others: failed, or no result at all)
-SEED_NOISE = "seed_noise"  # the base alone over its seeds: the spread every other topic is read against
-# In the order they run (a suite cut short by its time budget loses the last): the stability and component
-# questions first, the slow deep runs of aspect_ratio last.
-TOPICS = (SEED_NOISE, "qk_norm", "norm_position", "ffn_activation", "norm_type", "position", "z_loss", "bias",
-          "weight_decay", "ffn_ratio", "aspect_ratio")
-# Two device calls of about equal work (1 seed, with seed_noise in each: 30 and 27 runs, ~3 waves of 10 at the
-# ~140 s a wave measured on an H200): the LR-grid topics, and the component and shape topics (aspect_ratio's 16- and
-# 32-layer runs launch 2-4x the kernels of a base run).
-GROUPS = {"group1": ("qk_norm", "z_loss", "norm_position", "weight_decay"),
-          "group2": ("norm_type", "bias", "ffn_activation", "position", "ffn_ratio", "aspect_ratio"),
-          "all": TOPICS}
-for _group in ("group1", "group2"):  # each call measures the seed spread it is read against
-    GROUPS[_group] = (SEED_NOISE, *GROUPS[_group])
-DEVICE_PREFIX = ("python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "
-                 "/tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD TORCH_CUDA_ARCH_LIST=9.0 || exit;")
+SEED_NOISE = "seed_noise"  # the base alone over 4 seeds: the spread single-seed comparisons are read against
+# In the order they run (a suite cut short by its time budget loses the last): the stability questions first (their
+# high-LR baselines are shared), then the components, the slow deep runs of aspect_ratio last.
+TOPICS = ("qk_norm", "z_loss", "softcap", "norm_position", "ffn_activation", "position", "norm_type", "bias",
+          "weight_decay", "heads", "ffn_ratio", "aspect_ratio")
+GROUPS = {"all": TOPICS}
 CONCURRENCY_NOTE = ("tokens/s and wall times were measured with up to {k} runs sharing one GPU: they depend on what "
                     "ran beside each run and do not compare the variants' speed.")
+
+
+def shipped_base() -> tuple[int, int]:
+    """(trainer.max_steps, model.config.d_model) of configs/ablations/base.yaml: what steps and widths scale from."""
+    base = yaml.safe_load(BASE.read_text())
+    return int(base["trainer"]["max_steps"]), int(base["model"]["config"]["d_model"])
 
 
 # ---------------------------------------------------------------------------------------------- the scale
@@ -78,47 +78,79 @@ CONCURRENCY_NOTE = ("tokens/s and wall times were measured with up to {k} runs s
 
 @dataclass
 class Scale:
-    steps: int
-    micro_batch_size: int
-    seq_len: int
-    d_model: int
-    n_layer: int
-    n_head: int
-    vocab_size: int
+    """What the flags change in the shipped base; None keeps the base's value."""
     data_dir: Path
-    val_points: int
-    val_batches: int
-    compile: str
-    num_workers: int
-    tiny: bool
+    vocab_size: int
+    steps: Optional[int] = None
+    micro_batch_size: Optional[int] = None
+    seq_len: Optional[int] = None
+    d_model: Optional[int] = None
+    n_layer: Optional[int] = None
+    n_head: Optional[int] = None
+    val_points: Optional[int] = None
+    val_batches: Optional[int] = None
+    compile: Optional[str] = None
+    tiny: bool = False
+
+    def __post_init__(self) -> None:
+        base = yaml.safe_load(BASE.read_text())
+        self.base_steps, self.base_width = shipped_base()
+        self.resolved = {  # the values runs get: the flag's, else the base's
+            "steps": self.steps or self.base_steps, "d_model": self.d_model or self.base_width,
+            "micro_batch_size": self.micro_batch_size or base["data"]["micro_batch_size"],
+            "seq_len": self.seq_len or base["data"]["seq_len"]}
 
     @property
     def tokens(self) -> int:
-        return self.steps * self.micro_batch_size * self.seq_len
+        r = self.resolved
+        return r["steps"] * r["micro_batch_size"] * r["seq_len"]
 
     def warmup(self, base_value: int) -> int:
-        """A warmup of the 10000-step base scaled to these steps (a nonzero warmup stays >= 1 step)."""
-        return 0 if base_value == 0 else max(1, round(base_value * self.steps / BASE_STEPS))
+        """A warmup of the base's steps scaled to these steps (a nonzero warmup stays >= 1 step)."""
+        if self.steps is None:
+            return base_value
+        return 0 if base_value == 0 else max(1, round(base_value * self.steps / self.base_steps))
 
-    def width(self, d_ff_at_512: int) -> int:
-        """A d_ff given at the base width 512, at this d_model (multiples of 8)."""
-        return max(8, 8 * round(d_ff_at_512 * self.d_model / BASE_WIDTH / 8))
+    def width(self, d_ff_at_base: int) -> int:
+        """A d_ff given at the base width, at this d_model (multiples of 8)."""
+        if self.d_model is None:
+            return d_ff_at_base
+        return max(8, 8 * round(d_ff_at_base * self.d_model / self.base_width / 8))
 
     def config(self) -> dict[str, Any]:
-        """The fit config applied after base.yaml (`--config base.yaml --config scale.yaml`)."""
-        trainer: dict[str, Any] = {"max_steps": self.steps, "val_check_interval": self.steps // self.val_points,
-                                   "limit_val_batches": self.val_batches,
-                                   "log_every_n_steps": 1 if self.tiny else 10}
+        """The fit config applied after base.yaml (`--config base.yaml --config scale.yaml`): only what changes, so
+        that a run's fingerprint does not depend on the folder the suite ran in (the data path is kept relative to
+        the repository where it lies inside it; runs start there)."""
+        data_dir = self.data_dir.resolve()
+        data: dict[str, Any] = {"data_dir": os.path.relpath(data_dir, REPO) if data_dir.is_relative_to(REPO)
+                                else str(data_dir)}
+        model: dict[str, Any] = {"config": {"vocab_size": self.vocab_size}}
+        trainer: dict[str, Any] = {}
+        for key, value in (("d_model", self.d_model), ("n_layer", self.n_layer), ("n_head", self.n_head)):
+            if value is not None:
+                model["config"][key] = value
+        if self.d_model is not None:  # the base's d_ff, at the new width
+            base_d_ff = yaml.safe_load(BASE.read_text())["model"]["config"].get("d_ff")
+            if base_d_ff:
+                model["config"]["d_ff"] = self.width(int(base_d_ff))
+        if self.seq_len is not None:
+            model["config"]["max_seq_len"] = data["seq_len"] = self.seq_len
+        if self.micro_batch_size is not None:
+            data["micro_batch_size"] = self.micro_batch_size
+        if self.steps is not None:
+            trainer["max_steps"] = self.steps
+            base_warmup = yaml.safe_load(BASE.read_text())["model"]["optim"]["warmup_steps"]
+            model["optim"] = {"warmup_steps": self.warmup(int(base_warmup))}
+        if self.val_points is not None:
+            trainer["val_check_interval"] = self.resolved["steps"] // self.val_points
+        if self.val_batches is not None:
+            trainer["limit_val_batches"] = self.val_batches
+        if self.compile is not None:
+            model["compile"] = self.compile
         if self.tiny:
-            trainer.update(accelerator="cpu", precision="32-true")
-        return {
-            "trainer": trainer,
-            "model": {"config": {"vocab_size": self.vocab_size, "max_seq_len": self.seq_len, "d_model": self.d_model,
-                                 "n_layer": self.n_layer, "n_head": self.n_head},
-                      "optim": {"warmup_steps": self.warmup(500)}, "compile": self.compile},
-            "data": {"data_dir": str(self.data_dir.resolve()), "seq_len": self.seq_len,
-                     "micro_batch_size": self.micro_batch_size, "num_workers": self.num_workers},
-        }
+            trainer.update(accelerator="cpu", precision="32-true", log_every_n_steps=1)
+            data["num_workers"] = 0
+        return {"trainer": trainer, "model": model, "data": data} if trainer else {"model": model, "data": data}
 
 
 def shards_vocab(data_dir: Path) -> tuple[int, dict[str, Any]]:
@@ -151,7 +183,7 @@ def scale_overrides(overrides: dict[str, Any], scale: Scale, where: str, changes
     for key, value in overrides.items():
         if key == "model.optim.warmup_steps":
             out[key] = scale.warmup(int(value))
-        elif key == "model.config.d_ff" and scale.d_model != BASE_WIDTH:
+        elif key == "model.config.d_ff":
             out[key] = scale.width(int(value))
         if out[key] != value:
             changes.append(f"{where}.{key}: {value} -> {out[key]}")
@@ -194,9 +226,9 @@ def resolve_topics(given: list[str]) -> list[str]:
     names: list[str] = []
     for item in given:
         for name in GROUPS.get(item, (item,)):
-            if name not in TOPICS:
+            if name not in (*TOPICS, SEED_NOISE):
                 raise SystemExit(f"error: --topics {item!r}: not a spec of configs/ablations; choose from "
-                                 f"{', '.join(TOPICS)} or a group ({', '.join(GROUPS)})")
+                                 f"{', '.join(TOPICS)}, {SEED_NOISE} or a group ({', '.join(GROUPS)})")
             if name not in names:
                 names.append(name)
     return names
@@ -216,43 +248,43 @@ def estimate(n_runs: int, tokens: int, parallel: int, tokens_per_s: float, overh
 
 def plan_markdown(topics: list[Topic], scale: Scale, args: argparse.Namespace, meta: dict[str, Any]) -> str:
     n_runs = sum(len(t.runs) for t in topics)
-    per_run, total = estimate(n_runs, scale.tokens, args.parallel, args.assumed_tokens_per_s, args.assumed_overhead_s)
-    params = topics[0].runs[0]
+    distinct = len({r.fingerprint for t in topics for r in t.runs})
+    per_run, total = estimate(distinct, scale.tokens, args.parallel, args.assumed_tokens_per_s,
+                              args.assumed_overhead_s)
+    first = topics[0].runs[0]
+    base = topics[0].spec.base_config
     splits = meta["splits"]
+    shape = first.shape
+    steps = scale.resolved["steps"]
     lines = [
         f"# Ablation suite plan: {args.name}", "",
         f"- Data: `{scale.data_dir}`: {splits['train']['tokens']:,} train / {splits['val']['tokens']:,} val tokens, "
         f"vocab {scale.vocab_size}",
-        f"- Model (base shape): d_model {scale.d_model}, {scale.n_layer} layers, {scale.n_head} heads, vocab "
-        f"{scale.vocab_size}, sequence {scale.seq_len}: N = {params.params / 1e6:.1f}M non-embedding, "
-        f"{params.params_total / 1e6:.1f}M in all, {params.flops_per_token / 1e6:.0f} MFLOP per token; "
-        f"compile {scale.compile}"
-        + ("; CPU, fp32 (--tiny)" if scale.tiny else "; bf16 on one GPU"),
-        f"- Per run: {scale.steps} steps x {scale.micro_batch_size} x {scale.seq_len} = {scale.tokens:,} tokens "
-        f"({scale.tokens / splits['train']['tokens']:.2f} epochs of the train split, "
-        f"{scale.tokens / params.params:.2f} tokens per non-embedding parameter); warmup "
-        f"{scale.warmup(500)} steps (base 500 of 10000, scaled); validation every {scale.steps // scale.val_points} "
-        f"steps on at most {scale.val_batches} batches",
-        f"- Runs: {n_runs} ({len(topics)} topics), {args.parallel} at a time; "
-        f"{n_runs * scale.tokens / 1e9:.2f}B tokens in all",
+        f"- Model (base shape): d_model {shape['d_model']}, {shape['n_layer']} layers, {shape['n_head']} heads, "
+        f"d_ff {shape['d_ff']}, vocab {scale.vocab_size}, sequence {scale.resolved['seq_len']}: "
+        f"N = {first.params / 1e6:.2f}M non-embedding, {first.params_total / 1e6:.2f}M in all, "
+        f"{first.flops_per_token / 1e6:.0f} MFLOP per token; compile {base['model'].get('compile', 'off')}"
+        + ("; CPU, fp32 (--tiny)" if scale.tiny else ""),
+        f"- Per run: {steps} steps x {scale.resolved['micro_batch_size']} x {scale.resolved['seq_len']} = "
+        f"{scale.tokens:,} tokens ({scale.tokens / splits['train']['tokens']:.2f} epochs of the train split, "
+        f"{scale.tokens / first.params:.1f} tokens per non-embedding parameter); warmup "
+        f"{base['model']['optim']['warmup_steps']} steps; validation every {base['trainer']['val_check_interval']} "
+        f"steps on at most {base['trainer']['limit_val_batches']} batches",
+        f"- Runs: {n_runs} ({len(topics)} topics), {distinct} distinct (runs with the same settings in several "
+        f"topics train once), {args.parallel} at a time; {distinct * scale.tokens / 1e9:.2f}B tokens to train",
         f"- Estimate (assumed {args.assumed_tokens_per_s / 1e6:.2f}M tokens/s over all concurrent runs, "
-        f"{args.assumed_overhead_s:.0f} s start-up per run): {per_run:.0f} s per run, {total / 60:.1f} min in all; "
-        f"time budget {args.time_budget_s:.0f} s (runs that would not end by then are not started)",
+        f"{args.assumed_overhead_s:.0f} s start-up per run; runs reused from earlier calls not counted): "
+        f"{per_run:.0f} s per run, {total / 60:.1f} min in all; time budget {args.time_budget_s:.0f} s (runs that "
+        f"would not end by then are not started)",
         f"- {CONCURRENCY_NOTE.format(k=args.parallel)}", "",
-        "| topic | variants | LRs (shipped -> run) | seeds (shipped -> run) | runs (shipped -> run) | scaled values |",
+        "| topic | variants | LRs | seeds (shipped -> run) | runs (shipped -> run) | scaled values |",
         "|---|---|---|---|---|---|"]
     for t in topics:
         shipped_runs = len(t.spec.variants) * len(t.shipped.get("lrs") or [None]) * len(t.shipped["seeds"])
         lrs = ", ".join(f"{lr:g}" for lr in t.spec.lrs) or "base"
-        lines.append(f"| {t.name} | {len(t.spec.variants)} | {lrs} -> same | {t.shipped['seeds']} -> {t.spec.seeds} "
+        lines.append(f"| {t.name} | {len(t.spec.variants)} | {lrs} | {t.shipped['seeds']} -> {t.spec.seeds} "
                      f"| {shipped_runs} -> {len(t.runs)} | {'; '.join(t.changes) or '-'} |")
     return "\n".join(lines) + "\n"
-
-
-def device_commands() -> list[str]:
-    """Two device calls that run the whole suite at the GPU defaults (whatever this invocation's flags are)."""
-    return [f"{DEVICE_PREFIX} python3 benchmarks/ablation_suite.py --topics {group} --data_dir .abl_data/shards "
-            "--out $OUT" for group in ("group1", "group2")]
 
 
 # ---------------------------------------------------------------------------------------------- running
@@ -265,7 +297,12 @@ class Job:
     process: Optional[subprocess.Popen] = None
     started: float = 0.0
     ended: float = 0.0
-    state: str = "queued"  # queued | running | done | stopped | not started | cancelled
+    state: str = "queued"  # queued | running | done | copied | stopped | not started | cancelled
+    copies: list["Job"] = field(default_factory=list)  # jobs of other topics with the same settings
+
+    @property
+    def folder(self) -> Path:
+        return self.topic.sweep_dir / self.run.key
 
 
 def seed_major(topics: list[Topic]) -> list[Job]:
@@ -276,6 +313,48 @@ def seed_major(topics: list[Topic]) -> list[Job]:
                                                                  if s in t.spec.seeds))
     return sorted(jobs, key=lambda j: (j.topic.name != SEED_NOISE, seeds.index(j.run.seed), topics.index(j.topic),
                                        j.run.index))
+
+
+def distinct(jobs: list[Job]) -> list[Job]:
+    """The jobs that train: the first of each fingerprint. The later ones become its copies (they receive its
+    folder when it ends) and leave the queue."""
+    first: dict[str, Job] = {}
+    for job in jobs:
+        if job.run.fingerprint in first:
+            first[job.run.fingerprint].copies.append(job)
+        else:
+            first[job.run.fingerprint] = job
+    return list(first.values())
+
+
+def finished_runs(folders: list[Path]) -> dict[str, Path]:
+    """fingerprint -> run folder, for every finished or diverged run under `folders` (earlier calls' sweeps)."""
+    found: dict[str, Path] = {}
+    for folder in folders:
+        if not folder.is_dir():
+            raise SystemExit(f"error: --reuse {folder}: not a folder (give the unpacked runs_<name> of an earlier call)")
+        for path in sorted(folder.rglob("result.json")):
+            result = read_result(path.parent) or {}
+            if result.get("status") in RESULTS and result.get("fingerprint"):
+                found.setdefault(result["fingerprint"], path.parent)
+    return found
+
+
+def copy_run(source: Path, job: Job) -> str:
+    """The run folder `source` (same fingerprint) as `job`'s run: its files without checkpoints, and a result.json
+    that names this topic's variant, key and index. Returns the status copied."""
+    target = job.folder
+    if target.exists():
+        shutil.rmtree(target)
+    shutil.copytree(source, target, ignore=shutil.ignore_patterns("checkpoints", "*.ckpt"))
+    result = read_result(target) or {}
+    result.update(index=job.run.index, key=job.run.key, variant=job.run.variant, lr=job.run.lr,
+                  overrides=job.run.overrides, copied_from=str(source))
+    tmp = target / ".result.json.tmp"
+    tmp.write_text(json.dumps(result, indent=1))
+    tmp.replace(target / "result.json")
+    job.state = "copied"
+    return result.get("status", "?")
 
 
 def start(job: Job, log_dir: Path, threads: int) -> None:
@@ -310,17 +389,28 @@ def stop(jobs: list[Job], grace_s: float = 15.0, state: str = "stopped") -> None
 def run_jobs(jobs: list[Job], args: argparse.Namespace, scale: Scale, log: TextIO, on_topic_done) -> None:
     t0 = time.time()
     deadline = t0 + args.time_budget_s
-    prior, _ = estimate(len(jobs), scale.tokens, args.parallel, args.assumed_tokens_per_s, args.assumed_overhead_s)
+    prior, _ = estimate(len({j.run.fingerprint for j in jobs}), scale.tokens, args.parallel,
+                        args.assumed_tokens_per_s, args.assumed_overhead_s)
     threads = max(1, (os.cpu_count() or 1) // args.parallel)
     log_dir = args.work / "logs"
     log_dir.mkdir(parents=True, exist_ok=True)
-    queue = list(jobs)
+    queue = [j for j in distinct(jobs) if j.state == "queued"]  # reused runs are in already
+    first_wave = min(args.parallel, len(queue))
     running: list[Job] = []
     finished_walls: list[float] = []
     statuses: list[str] = []  # of the runs ended so far
 
     def report_settled(candidates: list[Job]) -> None:
-        """Reports each topic of `candidates` whose runs have all ended, been stopped or been left out."""
+        """Settles the copies of `candidates` (a copy of the run if it is a result, else the same state), then
+        reports each topic of theirs whose runs have all ended, been stopped or been left out."""
+        for job in candidates:
+            for copy in (c for c in job.copies if c.state == "queued"):
+                if job.state == "done" and (read_result(job.folder) or {}).get("status") in RESULTS:
+                    say(log, f"  {copy.topic.name} {copy.run.key}: {copy_run(job.folder, copy)} (the run of "
+                             f"{job.topic.name} {job.run.key}: same settings)")
+                else:
+                    copy.state = job.state
+        candidates = candidates + [c for j in candidates for c in j.copies]
         for topic in {j.topic.name: j.topic for j in candidates}.values():
             if all(j.state not in ("queued", "running") for j in jobs if j.topic is topic):
                 on_topic_done(topic)
@@ -330,16 +420,16 @@ def run_jobs(jobs: list[Job], args: argparse.Namespace, scale: Scale, log: TextI
             running.remove(job)
             job.ended, job.state = time.time(), "done"
             finished_walls.append(job.ended - job.started)
-            result = read_result(job.topic.sweep_dir / job.run.key) or {}
+            result = read_result(job.folder) or {}
             status = result.get("status", f"no result (exit {job.process.returncode})")
-            if status in RESULTS:  # its end-of-run checkpoint (~0.4 GB) is not needed
-                shutil.rmtree(job.topic.sweep_dir / job.run.key / "checkpoints", ignore_errors=True)
+            if status in RESULTS:  # its end-of-run checkpoint is not needed
+                shutil.rmtree(job.folder / "checkpoints", ignore_errors=True)
             say(log, f"  {job.topic.name} {job.run.key}: {status} (started +{job.started - t0:.0f} s, "
                      f"took {job.ended - job.started:.0f} s)")
             statuses.append(status)
             report_settled([job])
         got_through = any(status in RESULTS for status in statuses)
-        if len(statuses) >= min(args.parallel, len(jobs)) and not got_through:
+        if statuses and len(statuses) >= first_wave and not got_through:
             # No run of the first wave got through: a set-up error (a missing package, bad data) that every other
             # run would repeat. Stop now rather than spend the budget on it.
             say(log, f"the first {len(statuses)} runs all failed: stopping the suite (see fit.log of any run)")
@@ -514,56 +604,58 @@ def say(log: TextIO, message: str) -> None:
 
 def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data_dir", type=Path, default=REPO / ".abl_data" / "shards",
-                        help="token shards (llmtrain prepare) with metadata.json")
+    parser.add_argument("--data_dir", type=Path, default=REPO / "data" / "corpus" / "shards",
+                        help="token shards (llmtrain prepare) with metadata.json (default: the base's)")
     parser.add_argument("--topics", nargs="+", default=["all"],
-                        help="spec names or groups: " + "; ".join(f"{g} = {' '.join(t)}" for g, t in GROUPS.items()))
-    parser.add_argument("--out", type=Path, default=REPO / "benchmark_out" / "ablations", help="reports (<= 5 files)")
+                        help=f"spec names ({SEED_NOISE} too) or groups: "
+                             + "; ".join(f"{g} = {' '.join(t)}" for g, t in GROUPS.items()))
+    parser.add_argument("--out", type=Path, default=REPO / "benchmark_out" / "ablations", help="reports (5 files)")
     parser.add_argument("--work", type=Path, default=None,
                         help="derived specs, sweeps, run logs, reports (default runs/ablation_suite/<name>)")
     parser.add_argument("--name", default=None, help="names the tarballs (default: the group or 'custom')")
-    parser.add_argument("--steps", type=int, default=None, help="training steps per run (default 400; --tiny 6)")
-    parser.add_argument("--micro_batch_size", type=int, default=None, help="sequences per step (default 32; --tiny 4)")
-    parser.add_argument("--seq_len", type=int, default=None, help="tokens per sequence (default 512; --tiny 64)")
-    parser.add_argument("--d_model", type=int, default=None, help="base width (default 512; --tiny 64)")
-    parser.add_argument("--n_layer", type=int, default=None, help="base depth (default 10; --tiny 2)")
-    parser.add_argument("--n_head", type=int, default=None, help="base heads (default 10; --tiny 2)")
+    parser.add_argument("--reuse", type=Path, nargs="*", default=[],
+                        help="folders of earlier calls' runs (runs_<name>.tar.gz unpacked): a run with the same "
+                             "fingerprint found there is copied, not trained")
+    parser.add_argument("--steps", type=int, default=None, help="training steps per run (default: the base's; --tiny 6)")
+    parser.add_argument("--micro_batch_size", type=int, default=None,
+                        help="sequences per step (default: the base's; --tiny 4)")
+    parser.add_argument("--seq_len", type=int, default=None, help="tokens per sequence (default: the base's; --tiny 64)")
+    parser.add_argument("--d_model", type=int, default=None, help="base width (default: the base's; --tiny 64)")
+    parser.add_argument("--n_layer", type=int, default=None, help="base depth (default: the base's; --tiny 2)")
+    parser.add_argument("--n_head", type=int, default=None, help="base heads (default: the base's; --tiny 2)")
     parser.add_argument("--vocab_size", type=int, default=None, help="must match the shards (default: theirs)")
     parser.add_argument("--seeds", type=int, default=None,
-                        help="the first N of each spec's seeds (default 1; --tiny 1; the seed_noise topic keeps all its seeds)")
-    parser.add_argument("--parallel", type=int, default=None,
-                        help="runs at once on the one device (default 10; --tiny 2)")
+                        help="the first N of each spec's seeds (default 3; --tiny 1; seed_noise keeps all its seeds)")
+    parser.add_argument("--parallel", type=int, default=None, help="runs at once on the one device (default 8; --tiny 2)")
     parser.add_argument("--val_points", type=int, default=None,
-                        help="validations per run, the last at the last step (default 5; --tiny 2)")
-    parser.add_argument("--val_batches", type=int, default=16, help="limit_val_batches (16 x 32 x 512 covers the "
-                                                                    "ablation corpus's 257k val tokens)")
-    parser.add_argument("--compile", choices=("off", "model"), default="off",
-                        help="off (default): compiling costs 30-60 s per run, more than a run trains")
+                        help="validations per run, the last at the last step (default: the base's; --tiny 2)")
+    parser.add_argument("--val_batches", type=int, default=None, help="limit_val_batches (default: the base's)")
+    parser.add_argument("--compile", choices=("off", "model"), default=None, help="default: the base's")
     parser.add_argument("--time_budget_s", type=float, default=450.0,
                         help="no run starts that would end later; runs still going then are stopped (default 450: "
-                             "with start-up, reports and packing a call stays under the device tool's 10 minutes)")
-    parser.add_argument("--assumed_tokens_per_s", type=float, default=0.47e6,
-                        help="for the estimate: training tokens/s of the GPU over all concurrent runs (default 0.47M: "
-                             "measured with 10 base-size runs at once on one H200, 2026-12-01)")
-    parser.add_argument("--assumed_overhead_s", type=float, default=20.0,
-                        help="for the estimate: start-up, validation and teardown per run (default 20 s)")
+                             "with start-up, reports and packing a call stays under 10 minutes)")
+    parser.add_argument("--assumed_tokens_per_s", type=float, default=2.0e6,
+                        help="for the estimate until runs have ended: training tokens/s of the GPU over all "
+                             "concurrent runs (default 2M)")
+    parser.add_argument("--assumed_overhead_s", type=float, default=40.0,
+                        help="for the estimate: start-up, compile, validation and teardown per run (default 40 s)")
     parser.add_argument("--tiny", action="store_true", help="CPU smoke mode: toy size, fp32, no compile, 6 steps")
     parser.add_argument("--dry_run", action="store_true", help="write the specs and plan.md, print them; run nothing")
     args = parser.parse_args(argv)
-    gpu = dict(steps=400, micro_batch_size=32, seq_len=512, d_model=512, n_layer=8, n_head=8, seeds=1, parallel=10,
-               val_points=5)
-    tiny = dict(steps=6, micro_batch_size=4, seq_len=64, d_model=64, n_layer=2, n_head=2, seeds=1, parallel=2,
-                val_points=2)
-    for key, value in (tiny if args.tiny else gpu).items():
+    defaults = dict(seeds=3, parallel=8)
+    if args.tiny:
+        defaults = dict(steps=6, micro_batch_size=4, seq_len=64, d_model=64, n_layer=2, n_head=2, seeds=1,
+                        parallel=2, val_points=2, compile="off")
+    for key, value in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
     for key in ("steps", "micro_batch_size", "seq_len", "d_model", "n_layer", "n_head", "seeds", "parallel",
                 "val_points", "val_batches"):
-        if getattr(args, key) < 1:
+        if getattr(args, key) is not None and getattr(args, key) < 1:
             parser.error(f"--{key} {getattr(args, key)}: must be >= 1")
-    if args.steps % args.val_points:
-        parser.error(f"--steps {args.steps} is not a multiple of --val_points {args.val_points}: the last "
-                     "validation must fall on the last step (the report's final val loss)")
+    if args.val_points and (args.steps or shipped_base()[0]) % args.val_points:
+        parser.error(f"the steps are not a multiple of --val_points {args.val_points}: the last validation must "
+                     "fall on the last step (the report's final val loss)")
     if args.tiny and args.compile != "off":
         parser.error("--tiny runs on CPU without compile; drop --compile")
     args.topics = resolve_topics(args.topics)
@@ -580,8 +672,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     if args.vocab_size is not None and args.vocab_size != vocab:
         raise SystemExit(f"error: --vocab_size {args.vocab_size} does not match the shards in {args.data_dir} "
                          f"(vocab_size {vocab} in metadata.json)")
-    scale = Scale(args.steps, args.micro_batch_size, args.seq_len, args.d_model, args.n_layer, args.n_head, vocab,
-                  args.data_dir, args.val_points, args.val_batches, args.compile, 0 if args.tiny else 2, args.tiny)
+    scale = Scale(args.data_dir, vocab, args.steps, args.micro_batch_size, args.seq_len, args.d_model, args.n_layer,
+                  args.n_head, args.val_points, args.val_batches, args.compile, args.tiny)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.work / "specs").mkdir(parents=True, exist_ok=True)
     scale_path = args.work / "specs" / "scale.yaml"
@@ -589,8 +681,6 @@ def main(argv: Optional[list[str]] = None) -> int:
                           + yaml.safe_dump(scale.config(), sort_keys=False))
     topics = [derive_spec(name, scale, args.seeds, scale_path, args.work) for name in args.topics]
     plan = plan_markdown(topics, scale, args, meta)
-    plan += "\n## Device commands (one GPU; carry [\".whl\", \".abl_data\"])\n\n" + "\n".join(
-        f"```\n{c}\n```" for c in device_commands()) + "\n"
     (args.out / "plan.md").write_text(plan)
     with open(args.out / "suite.log", "a") as log:
         say(log, plan)
@@ -602,6 +692,11 @@ def main(argv: Optional[list[str]] = None) -> int:
         noise = next((t.sweep_dir for t in topics if t.name == SEED_NOISE), None)
         report_jobs = Reports(reports, log, noise)
         jobs = seed_major(topics)
+        reusable = finished_runs(args.reuse)
+        for job in jobs:
+            if job.run.fingerprint in reusable:
+                copy_run(reusable[job.run.fingerprint], job)
+        say(log, f"reused from earlier calls: {sum(j.state == 'copied' for j in jobs)} of {len(jobs)} runs")
         started = time.time()
         run_jobs(jobs, args, scale, log, report_jobs.start)
         say(log, f"runs: {time.time() - started:.0f} s")

@@ -314,6 +314,13 @@ def token_budget(config: dict[str, Any]) -> Optional[int]:
     return math.prod(factors)
 
 
+def resolved_settings(config: dict[str, Any], model: ModelConfig) -> dict[str, Any]:
+    """The config with `model.config` as the model resolves it (defaults filled in, d_ff and head_dim computed):
+    two runs that differ only in how a setting is spelled (`qk_norm: false` given or left to its default, a d_ff
+    given that the default would compute) get the same fingerprint, so a sweep runner can run them once."""
+    return apply_overrides(config, {"model.config": dataclasses.asdict(model)})
+
+
 def expand_runs(spec: SweepSpec) -> list[Run]:
     """Every run of the spec, numbered seed-major (all variants at the first seed come first, so an interrupted
     sweep already holds complete comparisons), then variant, then LR."""
@@ -347,7 +354,7 @@ def expand_runs(spec: SweepSpec) -> list[Run]:
             config = apply_overrides(config, {"model.optim.lr": lr})
         model = ModelConfig(**_model_fields(config))
         seq_len = int((config.get("data") or {}).get("seq_len", 2048))
-        settings = json.dumps({"config": config, "seed": seed}, sort_keys=True, default=str)
+        settings = json.dumps({"config": resolved_settings(config, model), "seed": seed}, sort_keys=True, default=str)
         runs.append(Run(len(runs), name, seed, lr, overrides, non_embedding_params(model, seq_len),
                         model.num_params(), model.flops_per_token(seq_len), budgets[name],
                         {k: getattr(model, k) for k in ("d_model", "n_layer", "n_head", "d_ff")},
