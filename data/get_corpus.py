@@ -52,9 +52,12 @@ DEBIAN = {  # package -> the version the recorded token counts were made with (d
     "python-sqlalchemy-doc": "1.4.46+ds1-1",
     "git-doc": "1:2.39.5-0+deb12u3",
     "openjdk-17-doc": "17.0.21.1+2-1~deb12u1",
+    "python-scipy-doc": "1.10.1-2",
+    "dict-wn": "1:3.0-37",
 }
 REPLACE_INVALID = {"dict-gcide"}  # its dictionary has 3 stray cp1252 bytes: they become U+FFFD; all else is strict
-RUST_BOOKS = ("book", "reference", "nomicon", "rust-by-example", "edition-guide", "embedded-book", "rustc", "cargo")
+RUST_BOOKS = ("book", "reference", "nomicon", "rust-by-example", "edition-guide", "embedded-book", "rustc", "cargo",
+              "std")  # std's API pages too (7 MB after dedup); core/ and alloc/ repeat them, so they stay out
 DEDUP_MIN_CHARS = 40  # shorter paragraphs ("Returns:", "Example") may repeat: they are not boilerplate
 LITERATURE = ("shakespeare", "milton", "kjv")  # never dropped by --max_bytes
 RST_RULE = re.compile(r"^\s*([=\-~^\"'`#*+.:_])\1{2,}\s*$")  # heading under/overlines
@@ -63,6 +66,8 @@ GCIDE_SOURCE = re.compile(r"^[ \t]*\[(?:[^\]\n]*(?:Webster|WordNet|PJC|Suppl)[^\
 GCIDE_PRONUNCIATION = re.compile(r"[ \t]*\\[^\\\n]*\\")  # \Ab"so*lute\ after the headword
 GCIDE_ACCENT = re.compile(r"\[(?:[=^\"'`~.,]([a-zA-Z]{1,2})|(ae|oe|AE|OE|ng|th))\]")  # [=a] ['e] [ae]: the letters
 GCIDE_BRACES = re.compile(r"\{([^{}]*)\}")  # {Afeard}: a cross-reference or a form
+WORDNET_NUMBER = re.compile(r"^(?:(?:n|v|adj|adv)\s+)?\d+:\s*")
+WORDNET_SENSE = re.compile(r"\n\s+(?=(?:(?:n|v|adj|adv)\s+)?\d+:)")  # "    n 1: gloss", "    2: gloss"
 
 
 @dataclass
@@ -158,7 +163,7 @@ class HtmlText(HTMLParser):
     SKIP_TAGS = {"script", "style", "nav", "header", "footer", "head", "title", "noscript", "template", "button",
                  "svg", "form", "select"}
     SKIP_WORD = re.compile(r"(?:^|[-_])(?:nav|navigation|navbar|navheader|navfooter|breadcrumbs?|toc|sphinxsidebar|"
-                           r"sidebar|menu|menu-bar|related|footer|banner|skip|headerlink)(?:$|[-_])", re.I)
+                           r"sidebar|menu|menu-bar|related|footer|banner|skip|headerlink|prev-next)(?:$|[-_])", re.I)
     BLOCK = {"p", "div", "h1", "h2", "h3", "h4", "h5", "h6", "li", "ul", "ol", "dl", "dt", "dd", "table", "tr",
              "pre", "blockquote", "section", "article", "main", "aside", "figure", "figcaption", "caption", "hr",
              "br", "address", "details", "summary", "body", "center"}
@@ -314,7 +319,7 @@ def kjv_books(jsonl: str) -> Iterator[Document]:
 
 
 def in_rust_books(relative: str) -> bool:
-    """The prose books; print.html repeats a whole book, and the API folders (std/, core/, ...) are left out."""
+    """The prose books and std; print.html repeats a whole book, and core/, alloc/ (re-exported by std) stay out."""
     return relative.split("/")[0] in RUST_BOOKS and relative.endswith(".html") and not relative.endswith("print.html")
 
 
@@ -342,6 +347,8 @@ DOCS: list[Spec] = [  # package, source, folder in the package, which files, cle
     ("python-sqlalchemy-doc", "sqlalchemy", "usr/share/doc/python-sqlalchemy-doc/rst",
      lambda p: p.endswith(".rst"), clean_rst),
     ("git-doc", "git", "usr/share/doc/git-doc", lambda p: p.endswith(".txt"), clean_rst),
+    ("python-scipy-doc", "scipy", "usr/share/doc/python-scipy-doc/html",
+     lambda p: p.endswith(".html") and not p.startswith(("_", "genindex", "search", "py-modindex")), html_text),
     ("openjdk-17-doc", "java", "usr/share/doc/openjdk-17-jre-headless/api",
      lambda p: p.endswith(".html") and "/class-use/" not in p and not p.startswith("index-files/"), html_text),
 ]
@@ -375,6 +382,54 @@ def gcide_entries(text: str) -> list[str]:
         raise SystemExit("error: dict-gcide: no entry 'A' found (format changed?)")
     raw = re.split(r"\n(?=\S)", text[start.start():])
     return [cleaned for cleaned in map(clean_gcide, raw) if cleaned.strip()]
+
+
+def wordnet(tmp: Path, versions: dict[str, str]) -> Iterator[Document]:
+    """WordNet 3.0, one document per initial letter: each headword with its senses, one paragraph each."""
+    folder = package_root("dict-wn", tmp, versions) / "usr/share/dictd"
+    if not (folder / "wn.dict.dz").is_file() or not (folder / "wn.index").is_file():
+        raise SystemExit(f"error: dict-wn {versions['dict-wn']} has no {folder}/wn.dict.dz + wn.index (layout?)")
+    data = gzip.decompress((folder / "wn.dict.dz").read_bytes())
+    index = utf8((folder / "wn.index").read_bytes(), "dict-wn: wn.index")
+    letters: dict[str, list[str]] = {}
+    for entry in wordnet_entries(data, index):
+        first = entry[:1].lower()
+        letters.setdefault(first if "a" <= first <= "z" else "other", []).append(entry)
+    for letter, chunk in letters.items():
+        yield Document("wordnet", f"wordnet_{letter}.txt", "\n".join(chunk))
+
+
+def dict_number(b64: str) -> int:
+    """dictd's index numbers: base 64, most significant digit first."""
+    digits = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
+    value = 0
+    for char in b64:
+        value = value * 64 + digits.index(char)
+    return value
+
+
+def wordnet_entries(data: bytes, index: str) -> list[str]:
+    """The entries in the index's (alphabetical) order, the 00-database-* header entries left out. Every synonym
+    repeats its synset's gloss: a sense is kept the first time only, and a headword with none left goes."""
+    spans = []
+    for line in index.splitlines():
+        head, offset, length = line.split("\t")
+        if not head.startswith("00-database") and not head.startswith("00database"):
+            spans.append((dict_number(offset), dict_number(length)))
+    seen: set[str] = set()
+    out = []
+    for offset, length in sorted(set(spans)):  # sorted: the set only removes headwords sharing an entry
+        head, _, rest = utf8(data[offset:offset + length], "dict-wn: wn.dict.dz").partition("\n")
+        senses = []
+        for sense in WORDNET_SENSE.split("\n" + rest):
+            sense = " ".join(GCIDE_BRACES.sub(r"\1", sense).split())
+            gloss = WORDNET_NUMBER.sub("", sense)  # "n 1: x" under one synonym is "2: x" under another
+            if gloss and gloss not in seen:
+                seen.add(gloss)
+                senses.append(sense)
+        if senses:
+            out.append(head.strip() + "\n" + "\n\n".join(senses) + "\n")
+    return out
 
 
 def debian_docs(tmp: Path, versions: dict[str, str]) -> Iterator[Document]:
@@ -472,7 +527,8 @@ def fetch(out: Path, max_bytes: int, force: bool = False) -> Path:
         return out / "texts"
     versions: dict[str, str] = {}
     with tempfile.TemporaryDirectory() as tmp:
-        docs = list(literature(Path(tmp))) + list(gcide(Path(tmp), versions)) + list(debian_docs(Path(tmp), versions))
+        docs = list(literature(Path(tmp))) + list(gcide(Path(tmp), versions)) + list(wordnet(Path(tmp), versions))
+        docs += list(debian_docs(Path(tmp), versions))
     docs, removed = dedup_paragraphs(docs)
     kept, dropped = fit_budget(docs, max_bytes)
     sizes: dict[str, list[int]] = {}

@@ -124,4 +124,24 @@ def test_documents_come_in_a_fixed_order_and_rust_print_pages_are_skipped(corpus
     assert found == ["a/b.rst.txt", "a/z.rst.txt", "b.rst.txt", "c.txt"]  # the traversal debian_docs uses
     assert [s[1] for s in corpus.DOCS][:3] == ["python", "perl", "linux"]  # earlier sources win the dedup
     assert corpus.in_rust_books("book/ch01-00.html") and not corpus.in_rust_books("book/print.html")
-    assert not corpus.in_rust_books("std/vec/struct.Vec.html") and not corpus.in_rust_books("src/lib.rs.html")
+    assert corpus.in_rust_books("std/vec/struct.Vec.html") and not corpus.in_rust_books("core/mem/fn.swap.html")
+    assert not corpus.in_rust_books("src/std/lib.rs.html") and not corpus.in_rust_books("alloc/index.html")
+
+
+def test_wordnet_keeps_each_gloss_once_and_leaves_out_the_header(corpus) -> None:
+    entries = ["00-database-info\nThis file was converted\n",
+               "absinth\n    n 1: strong green liqueur [syn: {absinth},\n         {absinthe}]\n",
+               "absinthe\n    n 1: aromatic herb\n    2: strong green liqueur [syn: {absinth},\n       {absinthe}]\n",
+               "zero\n    adj 1: none\n"]
+    data = "".join(entries).encode()
+    digits = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
+    spans, offset = [], 0
+    for entry in entries:
+        spans.append((entry.split("\n")[0], offset, len(entry.encode())))
+        offset += len(entry.encode())
+    b64 = lambda n: digits[n // 64] + digits[n % 64]  # noqa: E731
+    index = "\n".join(f"{head}\t{b64(start)}\t{b64(size)}" for head, start, size in reversed(spans))
+    assert corpus.dict_number("Bc") == 64 + 28
+    assert corpus.wordnet_entries(data, index) == [
+        "absinth\nn 1: strong green liqueur [syn: absinth, absinthe]\n",
+        "absinthe\nn 1: aromatic herb\n", "zero\nadj 1: none\n"]
