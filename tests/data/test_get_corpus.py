@@ -124,6 +124,7 @@ def test_documents_come_in_a_fixed_order_and_rust_print_pages_are_skipped(corpus
     assert found == ["a/b.rst.txt", "a/z.rst.txt", "b.rst.txt", "c.txt"]  # the traversal debian_docs uses
     assert [s[1] for s in corpus.DOCS][:3] == ["python", "perl", "linux"]  # earlier sources win the dedup
     assert corpus.in_rust_books("book/ch01-00.html") and not corpus.in_rust_books("book/print.html")
+    assert not corpus.in_rust_books("book/second-edition/ch01-00.html")  # a redirect page
     assert corpus.in_rust_books("std/vec/struct.Vec.html") and not corpus.in_rust_books("core/mem/fn.swap.html")
     assert not corpus.in_rust_books("src/std/lib.rs.html") and not corpus.in_rust_books("alloc/index.html")
 
