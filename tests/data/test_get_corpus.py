@@ -96,8 +96,8 @@ def test_gcide_entry_loses_source_tags_and_pronunciation(corpus) -> None:
     entry = ('Affect \\Af*fect"\\, v. t. [imp. & p. p. {Affected}; L. [=a]ffectus.]\n'
              '   1. To act upon. [Obs.]\n      [1913 Webster]\n\n'
              '            As might affect the earth with cold heat. --Milton.\n      [1913 Webster +PJC]\n')
-    assert corpus.clean_gcide(entry) == ("Affect, v. t. [imp. & p. p. Affected; L. affectus.]\n1. To act upon. [Obs.]\n\n"
-                                         "As might affect the earth with cold heat. --Milton.\n")
+    assert corpus.clean_gcide(entry) == ("Affect, v. t. [imp. & p. p. Affected; L. affectus.]\n1. To act upon. [Obs.]"
+                                         "\n\nAs might affect the earth with cold heat. --Milton.\n")
     text = "header notice\n\n" + entry.replace("Affect ", "A ", 1) + "Ab \\Ab\\, n.\n   The month.\n"
     assert corpus.gcide_entries(text.replace("A \\Af", "A \\A\\ x \\Af", 1))[1] == "Ab, n.\nThe month.\n"
 
@@ -107,7 +107,8 @@ def test_dedup_keeps_the_first_occurrence_and_never_touches_literature(corpus) -
     boiler = "Returns the value of this field, or null if this map contains no mapping."
     docs = [Doc("kjv", "01.txt", f"{boiler}\n\nshort\n"), Doc("kjv", "02.txt", f"{boiler}\n"),
             Doc("java", "a.html.txt", f"Intro.\n\n{boiler}\n\nshort\n"),
-            Doc("java", "b.html.txt", f"{'  '.join(boiler.split())}\n\nshort\n\nOwn text of b, long enough to count.\n"),
+            Doc("java", "b.html.txt", f"{'  '.join(boiler.split())}\n\n"
+                f"short\n\nOwn text of b, long enough to count.\n"),
             Doc("java", "c.html.txt", f"{boiler}\n")]
     kept, removed = corpus.dedup_paragraphs(docs)
     assert [d.text for d in kept] == [docs[0].text, docs[1].text, "Intro.\n\nshort\n",
@@ -140,7 +141,7 @@ def test_wordnet_keeps_each_gloss_once_and_leaves_out_the_header(corpus) -> None
     for entry in entries:
         spans.append((entry.split("\n")[0], offset, len(entry.encode())))
         offset += len(entry.encode())
-    b64 = lambda n: digits[n // 64] + digits[n % 64]  # noqa: E731
+    b64 = lambda n: digits[n // 64] + digits[n % 64]
     index = "\n".join(f"{head}\t{b64(start)}\t{b64(size)}" for head, start, size in reversed(spans))
     assert corpus.dict_number("Bc") == 64 + 28
     assert corpus.wordnet_entries(data, index) == [
