@@ -331,8 +331,6 @@ def finished_runs(folders: list[Path]) -> dict[str, Path]:
     """fingerprint -> run folder, for every finished or diverged run under `folders` (earlier calls' sweeps)."""
     found: dict[str, Path] = {}
     for folder in folders:
-        if not folder.is_dir():
-            raise SystemExit(f"error: --reuse {folder}: not a folder (give the unpacked runs_<name> of an earlier call)")
         for path in sorted(folder.rglob("result.json")):
             result = read_result(path.parent) or {}
             if result.get("status") in RESULTS and result.get("fingerprint"):
@@ -658,6 +656,9 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
                      "fall on the last step (the report's final val loss)")
     if args.tiny and args.compile != "off":
         parser.error("--tiny runs on CPU without compile; drop --compile")
+    for folder in args.reuse:
+        if not folder.is_dir():
+            parser.error(f"--reuse {folder}: not a folder (give the unpacked runs_<name> of an earlier call)")
     args.topics = resolve_topics(args.topics)
     args.name = args.name or next((g for g, t in GROUPS.items() if list(t) == args.topics), "custom")
     if args.work is None:

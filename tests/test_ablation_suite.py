@@ -3,6 +3,7 @@ run of one topic, two runs at once, down to the report tarball."""
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import subprocess
@@ -31,22 +32,40 @@ def test_derived_specs_scale_warmup_and_d_ff_and_keep_the_grid(prepared_corpus, 
                    "--topics", "norm_position", "ffn_activation", "ffn_ratio",
                    "--data_dir", str(prepared_corpus["shards"]), "--out", str(out), "--work", str(work))
     norm = yaml.safe_load((work / "specs" / "norm_position.yaml").read_text())
-    assert norm["grid"]["model.optim.warmup_steps"] == [5, 0]  # 500 of 10000 steps -> 5 of 100
-    assert norm["lrs"] == [1.0e-3, 3.0e-3] and norm["seeds"] == [1, 2]
+    assert norm["grid"]["model.optim.warmup_steps"] == [5, 0]  # 75 of the base's 1500 steps -> 5 of 100
+    assert norm["lrs"] == [3.0e-3, 3.0e-2] and norm["seeds"] == [1, 2]
     assert norm["base"] == [str(REPO / "configs" / "ablations" / "base.yaml"), str(work / "specs" / "scale.yaml")]
     ffn = yaml.safe_load((work / "specs" / "ffn_activation.yaml").read_text())
-    assert ffn["overrides"]["model.config.d_ff"] == 512  # 2048 = 4 x 512 at width 512 -> 4 x 128
+    assert ffn["overrides"]["model.config.d_ff"] == 512  # 1024 = 4 x 256 at the base width 256 -> 4 x 128
     ratio = yaml.safe_load((work / "specs" / "ffn_ratio.yaml").read_text())
-    assert [v["model.config.d_ff"] for v in ratio["variants"].values()] == [128, 256, 384, 512, 768]
+    assert [v["model.config.d_ff"] for v in ratio["variants"].values()] == [256, 336, 512]
     scale = yaml.safe_load((work / "specs" / "scale.yaml").read_text())
     assert scale["trainer"]["accelerator"] == "cpu" and scale["trainer"]["max_steps"] == 100
     assert scale["model"]["config"]["vocab_size"] == 320  # from the shards' metadata
+    assert scale["model"]["config"]["d_ff"] == 336  # the base's 680 at width 256 -> 128 (steps of 8)
     assert scale["model"]["compile"] == "off" and scale["model"]["optim"]["warmup_steps"] == 5
     plan = (out / "plan.md").read_text()
-    assert "| norm_position | 4 | 0.001, 0.003 -> same | [1, 2, 3] -> [1, 2] | 24 -> 16 |" in plan
-    assert "--topics group1" in plan and "--topics group2" in plan
+    assert "| norm_position | 4 | 0.003, 0.03 | [1, 2, 3] -> [1, 2] | 24 -> 16 |" in plan
+    # norm_position's pre-norm, warmed-up variant at the base LR and ffn_ratio's ratio2.67 are both the base:
+    # one run per seed for the two (ffn_activation's GLUs are sized to 344 at this width, not the base's 336).
+    assert "Runs: 30 (3 topics), 28 distinct" in plan
     assert not (work / "sweeps").exists()  # a dry run runs nothing
     assert "Estimate" in result.stdout
+
+
+def test_shipped_base_is_what_its_header_says():
+    """The base's comment states its size and token budget; the numbers are the config's."""
+    sys.path.insert(0, str(REPO))
+    from llmtrain.model.config import ModelConfig
+    from llmtrain.sweep import non_embedding_params
+
+    base = yaml.safe_load((REPO / "configs" / "ablations" / "base.yaml").read_text())
+    model = ModelConfig(**base["model"]["config"])
+    tokens = base["trainer"]["max_steps"] * base["data"]["micro_batch_size"] * base["data"]["seq_len"]
+    n = non_embedding_params(model, base["data"]["seq_len"])
+    header = (REPO / "configs" / "ablations" / "base.yaml").read_text().split("seed_everything")[0]
+    assert f"{n / 1e6:.1f}M non-embedding" in header and f"{model.num_params() / 1e6:.1f}M with" in header
+    assert f"{tokens / 1e6:.1f}M tokens ({tokens / n:.1f} per N)" in header
 
 
 def test_bad_arguments_are_named(prepared_corpus, tmp_path):
@@ -60,7 +79,34 @@ def test_bad_arguments_are_named(prepared_corpus, tmp_path):
     assert "--vocab_size 8192" in fails("--data_dir", shards, "--vocab_size", "8192")
     assert "'nope'" in fails("--data_dir", shards, "--topics", "nope")
     assert "--val_points 2" in fails("--data_dir", shards, "--steps", "7")
+    assert "--reuse" in fails("--data_dir", shards, "--reuse", str(tmp_path / "missing"))
     assert "metadata.json" in fails("--data_dir", str(tmp_path / "missing"))
+
+
+@pytest.mark.slow
+def test_runs_with_the_same_settings_train_once_and_later_calls_reuse_them(prepared_corpus, tmp_path):
+    # norm_type's layernorm run and bias's no_bias run have the same resolved settings (LayerNorm, no bias): one
+    # trains, the other receives a copy; a second call with --reuse trains only what the first did not have.
+    shards = str(prepared_corpus["shards"])
+    first, second = tmp_path / "first", tmp_path / "second"
+    suite("--tiny", "--topics", "norm_type", "bias", "--name", "a", "--data_dir", shards,
+          "--out", str(first / "out"), "--work", str(first / "work"))
+    log = (first / "out" / "suite.log").read_text()
+    assert "bias no_bias/seed1: finished (the run of norm_type layernorm/seed1: same settings)" in log
+    assert len(re.findall(r"started \+", log)) == 3  # rmsnorm, layernorm, bias: 3 of the 4 runs trained
+    copied = json.loads((first / "work" / "sweeps" / "bias" / "no_bias" / "seed1" / "result.json").read_text())
+    assert copied["variant"] == "no_bias" and copied["key"] == "no_bias/seed1" and copied["copied_from"]
+    assert "| no_bias | base | 1/1 |" in (first / "out" / "summary.md").read_text()
+
+    with tarfile.open(first / "out" / "runs_a.tar.gz") as tar:
+        tar.extractall(tmp_path / "unpacked")
+    suite("--tiny", "--topics", "bias", "weight_decay", "--name", "b", "--data_dir", shards,
+          "--reuse", str(tmp_path / "unpacked" / "runs_a"), "--out", str(second / "out"), "--work", str(second / "work"))
+    log = (second / "out" / "suite.log").read_text()
+    assert "reused from earlier calls: 3 of 5 runs" in log  # both bias runs and weight_decay's wd0.1 (the base)
+    assert len(re.findall(r"started \+", log)) == 2  # wd0 and wd0.3 trained
+    summary = (second / "out" / "summary.md").read_text()
+    assert "| bias | base | 1/1 |" in summary and "| wd0.3 | base | 1/1 |" in summary
 
 
 @pytest.mark.slow
@@ -82,10 +128,11 @@ def test_tiny_suite_runs_two_at_once_and_packs_the_reports(prepared_corpus, tmp_
           "--data_dir", str(prepared_corpus["shards"]), "--out", str(out), "--work", str(work))
     assert sorted(p.name for p in out.iterdir()) == ["ablations_call1.tar.gz", "plan.md", "runs_call1.tar.gz",
                                                      "suite.log", "summary.md"]
-    # Both runs were under way at the same time.
-    spans = [(float(a), float(a) + float(b)) for a, b in
-             re.findall(r"started \+(\d+) s, took (\d+) s", (out / "suite.log").read_text())]
-    assert len(spans) == 2 and max(s for s, _ in spans) < min(e for _, e in spans), spans
+    # The first two runs were under way at the same time; the third waited for a free slot.
+    spans = sorted((float(a), float(a) + float(b)) for a, b in
+                   re.findall(r"started \+(\d+) s, took (\d+) s", (out / "suite.log").read_text()))
+    assert len(spans) == 3 and max(s for s, _ in spans[:2]) < min(e for _, e in spans[:2]), spans
+    assert spans[2][0] >= min(e for _, e in spans[:2]) - 1, spans
 
     summary = (out / "summary.md").read_text()
     assert "# Topic: weight_decay" in summary
