@@ -5,8 +5,9 @@ first --seeds of the shipped seeds, and as base configs/ablations/base.yaml foll
 only what the flags change (data_dir, and for another scale: model size, steps, micro-batch; --tiny: a CPU toy).
 Warmup steps (the base's and norm_position's grid value) are scaled by steps / the base's steps, and d_ff values
 given at the base width by d_model / the base width. Every run is its own `llmtrain sweep SPEC --index I` process
-(a failed run does not stop the others); --parallel K of them share the GPU at once, seed-major over the topics in
-TOPICS order (every topic's seed-1 runs first, so a suite cut short still holds paired comparisons).
+(a failed run does not stop the others); --parallel K of them share the GPU at once, in --order: seed-major (every
+topic's seed-1 runs first) or topic-major (whole topics in --topics order); either way a suite cut short still holds
+paired comparisons.
 
 Each distinct run trains once. Runs of different topics with the same resolved settings (the base config is the
 baseline of most topics) share the sweep fingerprint: the first one trains and the others receive a copy of its
@@ -305,14 +306,19 @@ class Job:
         return self.topic.sweep_dir / self.run.key
 
 
-def seed_major(topics: list[Topic]) -> list[Job]:
-    """The seed-noise runs first, then every topic's runs of the first seed, then of the second, ...: a cut-short
-    suite keeps the seed spread and paired seeds."""
+def ordered(topics: list[Topic], order: str) -> list[Job]:
+    """Every run as a job, in the order they start. The seed-noise runs come first. `seed`: every topic's runs of
+    the first seed, then of the second, ... (a cut-short suite holds paired seeds of every topic); `topic`: one
+    topic after another, each seed by seed (a cut-short suite holds whole topics)."""
     jobs = [Job(t, r) for t in topics for r in t.runs]
     seeds = sorted({j.run.seed for j in jobs}, key=lambda s: min(t.spec.seeds.index(s) for t in topics
                                                                  if s in t.spec.seeds))
-    return sorted(jobs, key=lambda j: (j.topic.name != SEED_NOISE, seeds.index(j.run.seed), topics.index(j.topic),
-                                       j.run.index))
+
+    def key(job: Job) -> tuple:
+        seed, topic = seeds.index(job.run.seed), topics.index(job.topic)
+        return (job.topic.name != SEED_NOISE, *((seed, topic) if order == "seed" else (topic, seed)), job.run.index)
+
+    return sorted(jobs, key=key)
 
 
 def distinct(jobs: list[Job]) -> list[Job]:
@@ -611,6 +617,9 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     parser.add_argument("--work", type=Path, default=None,
                         help="derived specs, sweeps, run logs, reports (default runs/ablation_suite/<name>)")
     parser.add_argument("--name", default=None, help="names the tarballs (default: the group or 'custom')")
+    parser.add_argument("--order", choices=("seed", "topic"), default="seed",
+                        help="seed (default): every topic's first seed, then the second, ...; topic: whole topics one "
+                             "after another, in --topics order")
     parser.add_argument("--reuse", type=Path, nargs="*", default=[],
                         help="folders of earlier calls' runs (runs_<name>.tar.gz unpacked): a run with the same "
                              "fingerprint found there is copied, not trained")
@@ -692,7 +701,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         reports = args.work / "reports"
         noise = next((t.sweep_dir for t in topics if t.name == SEED_NOISE), None)
         report_jobs = Reports(reports, log, noise)
-        jobs = seed_major(topics)
+        jobs = ordered(topics, args.order)
         reusable = finished_runs(args.reuse)
         for job in jobs:
             if job.run.fingerprint in reusable:
