@@ -390,6 +390,15 @@ def stop(jobs: list[Job], grace_s: float = 15.0, state: str = "stopped") -> None
         job.ended, job.state = time.time(), state
 
 
+def fits(at_once: int, expected: float, left: float, args: argparse.Namespace) -> bool:
+    """Whether a run started now, one of `at_once` sharing the device, ends within `left` seconds. A run's time is
+    its start-up (--assumed_overhead_s) plus training that slows in proportion to the runs at once; `expected` is
+    the time of a run that shared the device with --parallel runs. So when too little time is left for a full
+    wave, a smaller one can still start: its runs train faster."""
+    overhead = min(args.assumed_overhead_s, expected)
+    return overhead + (expected - overhead) * at_once / args.parallel <= left
+
+
 def run_jobs(jobs: list[Job], args: argparse.Namespace, scale: Scale, log: TextIO, on_topic_done) -> None:
     t0 = time.time()
     deadline = t0 + args.time_budget_s
@@ -444,13 +453,16 @@ def run_jobs(jobs: list[Job], args: argparse.Namespace, scale: Scale, log: TextI
             running.clear()
             report_settled(jobs)
             return
-        # Observed run time once a few runs are in (x1.15 margin), else the assumed one.
-        expected = 1.15 * statistics.median(finished_walls) if len(finished_walls) >= 2 else prior
+        # Observed run time once a few runs are in, else the assumed one. The median of runs that shared the device
+        # with `parallel` others is already an upper bound for a run started while fewer remain.
+        expected = statistics.median(finished_walls) if len(finished_walls) >= 2 else prior
         # While every run that ended so far has failed, the first wave is undecided: start nothing new until a run
         # gets through or the whole wave has failed (then the suite stops above).
         undecided = bool(statuses) and not got_through
         while queue and len(running) < args.parallel and not undecided:
-            if time.time() + expected > deadline:
+            if not fits(len(running) + 1, expected, deadline - time.time(), args):
+                if running and fits(1, expected, deadline - time.time(), args):
+                    break  # a smaller wave may fit once the running ones end
                 for job in queue:
                     job.state = "not started"
                 say(log, f"time budget: {len(queue)} runs not started (each would take ~{expected:.0f} s, "
