@@ -331,6 +331,9 @@ def report_main(argv: list[str]) -> int:
     parser.add_argument("--noise", type=Path, default=None, metavar="SWEEP_DIR",
                         help="a sweep of one config over several seeds (configs/ablations/seed_noise.yaml): its seed "
                              "spread gives verdicts to cells with fewer than 2 seeds")
+    parser.add_argument("--curves", nargs="+", default=[], metavar="TAG",
+                        help="sweep folders: also plot these TensorBoard tags over training per variant (e.g. "
+                             "stability/weight_rms/global), besides the spec's `curves`")
     args = parser.parse_args(argv)
     if args.noise is not None and not is_sweep_dir(args.noise):
         parser.error(f"--noise {args.noise}: not a sweep folder (made by `llmtrain sweep`)")
@@ -339,10 +342,10 @@ def report_main(argv: list[str]) -> int:
         if len(args.run_dirs) == 1 and is_sweep_dir(args.run_dirs[0]):
             from llmtrain.sweep_report import write_sweep_report
 
-            summary = write_sweep_report(args.run_dirs[0], out, args.noise)
+            summary = write_sweep_report(args.run_dirs[0], out, args.noise, tuple(args.curves))
         else:
-            if args.noise is not None:
-                parser.error("--noise applies to a sweep folder, not to run folders")
+            if args.noise is not None or args.curves:
+                parser.error("--noise and --curves apply to a sweep folder, not to run folders")
             summary = write_report(args.run_dirs, out)
     except FileNotFoundError as error:
         print(f"llmtrain report: {error}", file=sys.stderr)

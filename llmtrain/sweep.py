@@ -47,7 +47,8 @@ import yaml
 from llmtrain.config_files import merged, resolved_config
 from llmtrain.model.config import ConfigError, ModelConfig
 
-SPEC_KEYS = ("name", "description", "base", "overrides", "seeds", "lrs", "match", "baseline", "variants", "grid")
+SPEC_KEYS = ("name", "description", "base", "overrides", "seeds", "lrs", "match", "baseline", "variants", "grid",
+             "curves")
 MATCHABLE = ("model.config.d_ff", "model.config.n_layer", "model.config.d_model")
 # Set by the sweep for every run; a spec that sets them would break the pairing or the folder layout.
 SET_BY_SWEEP = ("seed_everything", "data.seed", "trainer.logger", "ckpt_path")
@@ -159,6 +160,7 @@ class SweepSpec:
     match: dict[str, str] = field(default_factory=dict)  # {quantity, by}; empty: no matching
     baseline: str = ""
     description: str = ""
+    curves: list[str] = field(default_factory=list)  # TensorBoard tags the report plots over training per variant
     base_config: dict[str, Any] = field(default_factory=dict)  # the base files merged
 
     @classmethod
@@ -238,13 +240,16 @@ class SweepSpec:
                 raise fail("match.quantity", f"{match['quantity']!r}: choose one of {', '.join(MATCH_QUANTITIES)}")
             if match["by"] not in MATCHABLE:
                 raise fail("match.by", f"{match['by']!r}: choose one of {', '.join(MATCHABLE)}")
+        curves = raw.get("curves") or []
+        if not isinstance(curves, list) or not all(isinstance(c, str) and c.strip() for c in curves):
+            raise fail("curves", f"{curves!r}: give a list of TensorBoard tags, e.g. [stability/weight_rms/global]")
         baseline = raw.get("baseline", next(iter(variants)))
         if baseline not in variants:
             raise fail("baseline", f"{baseline!r} is not a variant; variants: {', '.join(variants)}")
 
         spec = cls(path=path, name=raw["name"], base=[Path(b).resolve() for b in bases], variants=variants,
                    seeds=seeds, lrs=lrs, overrides=overrides, match=match, baseline=baseline,
-                   description=str(raw.get("description", "")).strip(), base_config=base_config)
+                   description=str(raw.get("description", "")).strip(), curves=curves, base_config=base_config)
         spec._check_keys(fail)
         return spec
 
@@ -491,7 +496,7 @@ def write_manifest(spec: SweepSpec, runs: list[Run], out: Path) -> None:
     manifest = {
         "name": spec.name, "description": spec.description, "spec": str(spec.path.resolve()),
         "base": [str(b) for b in spec.base], "variants": list(spec.variants), "baseline": spec.baseline,
-        "seeds": spec.seeds, "lrs": spec.lrs, "match": spec.match, "vocab_size": vocab,
+        "seeds": spec.seeds, "lrs": spec.lrs, "match": spec.match, "vocab_size": vocab, "curves": spec.curves,
         "runs": [{"index": r.index, "key": r.key, "variant": r.variant, "seed": r.seed, "lr": r.lr,
                   "params": r.params, "params_total": r.params_total, "flops_per_token": r.flops_per_token,
                   "tokens": r.tokens, "shape": r.shape, "overrides": r.overrides} for r in runs],

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from statistics import mean, stdev
@@ -52,6 +53,7 @@ class RunRecord:
     tokens: dict[int, float] = field(default_factory=dict)  # step -> tokens trained on (val steps)
     wall: dict[int, float] = field(default_factory=dict)  # step -> seconds of training (val steps)
     tags: set[str] = field(default_factory=set)  # every tag its events hold (logged vs NaN)
+    curves: dict[str, dict[int, float]] = field(default_factory=dict)  # tag -> step -> value, for the report's curves
 
 
 def _tokens_at(tokens: dict[int, float], step: int) -> float:
@@ -68,8 +70,9 @@ def _number(value: Optional[float]) -> float:
     return math.nan if value is None else float(value)
 
 
-def load_sweep(sweep_dir: Path) -> tuple[dict[str, Any], list[RunRecord]]:
-    """sweep.json (or, without it, what the result.json files tell) and a record for every run, pending included."""
+def load_sweep(sweep_dir: Path, curves: tuple[str, ...] = ()) -> tuple[dict[str, Any], list[RunRecord]]:
+    """sweep.json (or, without it, what the result.json files tell) and a record for every run, pending included;
+    `curves`: tags to keep over training besides those sweep.json names (the spec's `curves`)."""
     manifest_path = sweep_dir / "sweep.json"
     manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {}
     results = {}
@@ -80,6 +83,7 @@ def load_sweep(sweep_dir: Path) -> tuple[dict[str, Any], list[RunRecord]]:
     planned = manifest.get("runs") or sorted(results.values(), key=lambda r: r.get("index", 0))
     if not planned:
         raise FileNotFoundError(f"{sweep_dir}: no sweep.json and no run results: is it a sweep folder?")
+    manifest["curves"] = list(dict.fromkeys([*manifest.get("curves", []), *curves]))
     records = []
     for run in planned:
         result = results.get(run["key"], {})
@@ -93,15 +97,16 @@ def load_sweep(sweep_dir: Path) -> tuple[dict[str, Any], list[RunRecord]]:
             record.summary = summarize_run(scalars)
             record.tags = set(scalars)
             record.val_loss = scalars.get(VAL_LOSS_TAG, {})
+            record.curves = {tag: scalars[tag] for tag in manifest["curves"] if tag in scalars}
             train_tokens = scalars.get("train/tokens", {})
             if train_tokens:
                 record.tokens = {s: _tokens_at(train_tokens, s) for s in record.val_loss}
             record.wall = wall_clock(run_dir, VAL_LOSS_TAG)
         records.append(record)
-    if not manifest:
+    if "variants" not in manifest:
         variants = list(dict.fromkeys(r.variant for r in records))
-        manifest = {"name": sweep_dir.name, "variants": variants, "baseline": variants[0],
-                    "lrs": sorted({r.lr for r in records if r.lr is not None}), "vocab_size": None}
+        manifest.update(name=sweep_dir.name, variants=variants, baseline=variants[0],
+                        lrs=sorted({r.lr for r in records if r.lr is not None}), vocab_size=None)
     return manifest, records
 
 
@@ -520,6 +525,67 @@ def plot_sweep(manifest: dict[str, Any], records: list[RunRecord], out: Path, ca
     return written
 
 
+def curve_runs(records: list[RunRecord], variant: str, tag: str) -> tuple[Optional[float], list[RunRecord]]:
+    """(the variant's best LR, its finished runs there that logged `tag`)."""
+    lr = best_lr(records, variant)
+    return lr, [r for r in records if r.variant == variant and r.lr == lr and r.status == "finished"
+                and r.curves.get(tag)]
+
+
+def curve_table(manifest: dict[str, Any], records: list[RunRecord], tag: str) -> str:
+    """Per variant (at its best LR): the tag at the last step every seed logged, and its change from the first."""
+    lines = [f"| variant | LR | seeds | `{tag}` first | last (step) | last / first |", "|---|---|---|---|---|---|"]
+    for variant in manifest["variants"]:
+        lr, runs = curve_runs(records, variant, tag)
+        steps = sorted(set.intersection(*(set(r.curves[tag]) for r in runs))) if runs else []
+        if not steps:
+            continue
+        first, last = (Spread.of([r.curves[tag][step] for r in runs], fmt=None) for step in (steps[0], steps[-1]))
+        ratio = Spread.of([r.curves[tag][steps[-1]] / r.curves[tag][steps[0]] for r in runs], fmt=None)
+        lines.append(f"| {variant} | {'base' if lr is None else f'{lr:g}'} | {len(runs)} | {first} | {last} "
+                     f"({steps[-1]}) | {ratio} |")
+    return "\n".join(lines)
+
+
+def plot_curve(manifest: dict[str, Any], records: list[RunRecord], tag: str, path: Path) -> bool:
+    """The tag over training steps, one line per variant at its best LR: mean over seeds, band min..max."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    drawn = False
+    for i, variant in enumerate(manifest["variants"]):
+        lr, runs = curve_runs(records, variant, tag)
+        steps = sorted(set.intersection(*(set(r.curves[tag]) for r in runs))) if runs else []
+        if not steps:
+            continue
+        values = [[r.curves[tag][s] for r in runs] for s in steps]
+        label = variant + (f" (lr {lr:g})" if lr is not None else "") + (f", {len(runs)} seeds" if len(runs) > 1
+                                                                          else "")
+        ax.plot(steps, [mean(v) for v in values], color=colors[i % len(colors)], label=label)
+        if len(runs) > 1:
+            ax.fill_between(steps, [min(v) for v in values], [max(v) for v in values], color=colors[i % len(colors)],
+                            alpha=0.2)
+        drawn = True
+    if drawn:
+        ax.set_title(f"{manifest['name']}: {tag} (mean over seeds; band: min..max)")
+        ax.set_xlabel("step")
+        ax.set_ylabel(tag)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return drawn
+
+
+def curve_file(tag: str) -> str:
+    return "curve_" + re.sub(r"[^A-Za-z0-9_.-]+", "_", tag) + ".png"
+
+
 # ------------------------------------------------------------------------------------------------- report
 
 
@@ -549,10 +615,12 @@ def summary_data(manifest: dict[str, Any], records: list[RunRecord], noise: Opti
                       "diverged_step": r.diverged_step, "wall_s": r.wall_s, "summary": r.summary} for r in records]}
 
 
-def write_sweep_report(sweep_dir: Path, out: Path, noise_dir: Optional[Path] = None) -> Path:
+def write_sweep_report(sweep_dir: Path, out: Path, noise_dir: Optional[Path] = None,
+                       curves: tuple[str, ...] = ()) -> Path:
     """summary.md, summary.json and PNGs of a sweep into `out`; `noise_dir`: a sweep of one config over several
-    seeds whose spread gives the interval where a comparison has a single paired seed (see compare)."""
-    manifest, records = load_sweep(sweep_dir)
+    seeds whose spread gives the interval where a comparison has a single paired seed (see compare); `curves`:
+    TensorBoard tags to plot over training per variant, besides the spec's `curves`."""
+    manifest, records = load_sweep(sweep_dir, curves)
     noise = seed_noise(noise_dir) if noise_dir is not None else None
     out.mkdir(parents=True, exist_ok=True)
     vocab = manifest.get("vocab_size")
@@ -610,6 +678,16 @@ def write_sweep_report(sweep_dir: Path, out: Path, noise_dir: Optional[Path] = N
     text += [f"![{name}]({path.name})" for name, path in plots.items() if name not in beside]
     if not plots:
         text += ["No plots: no run has logged val/loss yet."]
+    for tag in manifest["curves"]:
+        text += ["", f"## Over training: `{tag}`", ""]
+        if not any(r.curves.get(tag) for r in records):
+            text += [f"No finished run logged `{tag}`."]
+            continue
+        text += [curve_table(manifest, records, tag), "",
+                 "Each variant at its best LR, over the seeds that finished: mean ± std of the value at the first and "
+                 "the last step every seed logged, and of each run's last / first."]
+        if plot_curve(manifest, records, tag, out / curve_file(tag)):
+            text += ["", f"![{tag}]({curve_file(tag)})"]
     text += ["", "## Runs", "", runs_table(records), ""]
     (out / "summary.json").write_text(strict_json(summary_data(manifest, records, noise, cap, compared)) + "\n")
     path = out / "summary.md"

@@ -46,14 +46,14 @@ def test_grid_expands_to_every_combination_seed_major(tmp_path):
     assert [r.key for r in runs[:4]] == ["bias=False/lr0.001/seed1", "bias=False/lr0.003/seed1",
                                          "bias=True/lr0.001/seed1", "bias=True/lr0.003/seed1"]
     assert {r.seed for r in runs[4:]} == {2}  # every variant at seed 1 before any at seed 2
-    assert len({r.tokens for r in runs}) == 1 and runs[0].tokens == 10000 * 32 * 1024
+    assert len({r.tokens for r in runs}) == 1 and runs[0].tokens == 1500 * 64 * 512
 
 
 def test_swiglu_and_gelu_are_matched_within_one_percent():
     runs = by_variant(expand_runs(SweepSpec.load(ABLATIONS / "ffn_activation.yaml")))
     gelu, swiglu = runs["gelu"], runs["swiglu"]
-    assert gelu.shape["d_ff"] == 4 * 512  # the reference itself
-    assert abs(swiglu.shape["d_ff"] - 8 / 3 * 512) <= 8  # Shazeer 2020: 8/3·d for equal parameters
+    assert gelu.shape["d_ff"] == 4 * 256  # the reference itself
+    assert abs(swiglu.shape["d_ff"] - 8 / 3 * 256) <= 8  # Shazeer 2020: 8/3·d for equal parameters
     for run in runs.values():
         assert abs(run.params / gelu.params - 1) < 0.01, run.variant
     # The fit command carries the sized width.
@@ -95,12 +95,13 @@ def test_shipped_specs_load_with_three_seeds_and_one_token_budget(spec_path):
     ({"variants": {"a": {}}, "match": {"by": "model.config.n_head"}}, ["match.by", "model.config.d_ff"]),
     ({"variants": {"a": {"model.config.d_ff": 64}}, "match": {"by": "model.config.d_ff"}},
      ["variants.a.model.config.d_ff", "match.by"]),
-    ({"variants": {"a": {}, "b": {"trainer.max_steps": 5}}}, ["token budgets", "a: 327680000"]),
+    ({"variants": {"a": {}, "b": {"trainer.max_steps": 5}}}, ["token budgets", "a: 49152000"]),
     ({"variants": {"a": {"seed_everything": 3}}}, ["variants.a.seed_everything"]),
     ({"variants": {"a": {}}, "seeds": [1, 1]}, ["`seeds`"]),
     ({"variants": {"a": {}}, "base": "configs/nope.yaml"}, ["`base`", "configs/nope.yaml"]),
     ({"grid": {"model.config.bias": [True]}, "variants": {"a": {}}}, ["`grid`", "not both"]),
     ({"variants": {"a": {}}, "baseline": "b"}, ["`baseline`", "'b'"]),
+    ({"variants": {"a": {}}, "curves": "val/loss"}, ["`curves`", "list of TensorBoard tags"]),
 ])
 def test_spec_errors_name_the_key(tmp_path, capsys, spec, words):
     assert sweep_main([str(write_spec(tmp_path, spec)), "--out", str(tmp_path / "out"), "--dry-run"]) == 2

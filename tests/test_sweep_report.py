@@ -159,3 +159,24 @@ def test_diverged_runs_are_left_out_and_named_stability_is_per_variant_and_json_
     diverged = next(r for r in data["runs"] if r["key"] == "qk/lr0.01/seed3")
     assert diverged["summary"]["final_val_loss"] is None  # NaN written as null
     assert json.loads(strict_json({"a": [math.inf, -math.inf, 1.5]})) == {"a": [None, None, 1.5]}
+
+
+def test_curves_named_by_the_spec_or_the_command_are_tabled_and_plotted(tmp_path):
+    # The attention logit planted by plant_run rises linearly to `attn` at the last step: 5 -> 20 over 4 points
+    # for wd0 and 5 -> 10 for wd0.1 (first value attn / 4).
+    sweep = tmp_path / "sweep"
+    runs = [plant_run(sweep, "wd0", seed, [5.0, 4.5, 4.2, 4.0], attn=20.0) for seed in (1, 2)]
+    runs += [plant_run(sweep, "wd0.1", seed, [5.0, 4.5, 4.2, 4.0], attn=10.0) for seed in (1, 2)]
+    write_manifest(sweep, runs, ["wd0", "wd0.1"], [1, 2])
+    manifest = json.loads((sweep / "sweep.json").read_text())
+    (sweep / "sweep.json").write_text(json.dumps({**manifest, "curves": ["stability/attn_logit_max/layer_00"]}))
+
+    text = write_sweep_report(sweep, tmp_path / "report", curves=("stability/logits/max_abs", "no/such_tag"))
+    text = text.read_text()
+    assert "## Over training: `stability/attn_logit_max/layer_00`" in text
+    assert "| wd0 | base | 2 | 5.000 ± 0.000 | 20.000 ± 0.000 (30) | 4.000 ± 0.000 |" in text
+    assert "| wd0.1 | base | 2 | 2.500 ± 0.000 | 10.000 ± 0.000 (30) | 4.000 ± 0.000 |" in text
+    assert "## Over training: `stability/logits/max_abs`" in text  # from the command, after the spec's
+    assert "No finished run logged `no/such_tag`." in text
+    png = tmp_path / "report" / "curve_stability_attn_logit_max_layer_00.png"
+    assert png.read_bytes()[:4] == b"\x89PNG"
