@@ -27,9 +27,9 @@ Only these files are written under --out:
 The runs themselves stay in --work.
 
 On one GPU (the exact calls of the recorded runs and their timings are in docs/ablations.md):
-  python3 benchmarks/ablation_suite.py --data_dir data/corpus/shards --out OUT [--reuse PREVIOUS/runs_*]
+  python3 benchmarks/ablation_suite.py --out OUT [--reuse PREVIOUS/runs_*]
 CPU smoke test (toy size, fp32, a handful of steps):
-  python benchmarks/ablation_suite.py --tiny --topics weight_decay --data_dir .abl_data/shards --out /tmp/abl
+  python benchmarks/ablation_suite.py --tiny --topics weight_decay --data_dir .abl_data/corpus/shards --out /tmp/abl
 """
 
 from __future__ import annotations
@@ -210,8 +210,9 @@ def derive_spec(name: str, scale: Scale, n_seeds: int, scale_path: Path, work: P
         for key, values in spec["grid"].items():
             grid[key] = [scale_overrides({key: v}, scale, "grid", changes)[key] for v in values]
         spec["grid"] = grid
-    spec["description"] = (str(shipped.get("description", "")).strip() + f" [Scaled for one GPU by "
-                           f"benchmarks/ablation_suite.py: {scale.tokens:,} tokens per run.]")
+    scaled = f"; scaled: {'; '.join(changes)}" if changes else ""
+    spec["description"] = (str(shipped.get("description", "")).strip()
+                           + f" [benchmarks/ablation_suite.py: {scale.tokens:,} tokens per run{scaled}.]")
     path = work / "specs" / f"{name}.yaml"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(spec, sort_keys=False))
@@ -620,7 +621,7 @@ def say(log: TextIO, message: str) -> None:
 
 def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data_dir", type=Path, default=REPO / "data" / "corpus" / "shards",
+    parser.add_argument("--data_dir", type=Path, default=REPO / ".abl_data" / "corpus" / "shards",
                         help="token shards (llmtrain prepare) with metadata.json (default: the base's)")
     parser.add_argument("--topics", nargs="+", default=["all"],
                         help=f"spec names ({SEED_NOISE} too) or groups: "
