@@ -80,6 +80,8 @@ LEVERS = {
     "fp8": "float8 matmuls for every Linear but the LM head (model.float8, torchao)",
     "nostab": "without the stability callbacks (LogitMonitor, AttentionMonitor, WeightMonitor, SpikeDetector)",
     "cudagraphs": "compiled region replayed as CUDA graphs (model.compile_mode: reduce-overhead)",
+    "layernorm": "LayerNorm (no bias) instead of RMSNorm: what the norm costs, at the same recipe (a model change, "
+                 "compared with llmtrain shipped)",
 }
 MICRO_BATCH_LEVERS = {"mb2x": 2, "mb4x": 4, "mb6x": 6}  # lever -> factor on the shape's micro-batch
 # Levers of the loop rows (--baseline_variants): the micro-batch levers, float8, and torchtitan's maskless attention.
@@ -378,6 +380,8 @@ def run_llmtrain(shape: str, micro_batch: int, levers: tuple[str, ...], args: ar
         cmd += ["--model.float8", "true"]
     if "cudagraphs" in levers:
         cmd += ["--model.compile_mode", "reduce-overhead"]
+    if "layernorm" in levers:
+        cmd += ["--model.config.norm", "layernorm"]
     if args.tiny:
         d, layers, heads, _, _ = SHAPES["tiny"]
         cmd += ["--trainer.accelerator", "cpu", "--trainer.devices", "1", "--trainer.precision", "32-true",
