@@ -456,6 +456,25 @@ def _plot_differences(plt: Any, manifest: dict[str, Any], records: list[RunRecor
     return drawn
 
 
+def series_label(variant: str, lr: Optional[float], n_runs: int) -> str:
+    return variant + (f" (lr {lr:g})" if lr is not None else "") + (f", {n_runs} seeds" if n_runs > 1 else "")
+
+
+def mean_band(ax: Any, xs: list[float], values: list[list[float]], color: str, label: str, **style: Any) -> None:
+    """The mean over runs at each x as a line; with several runs, their min..max as a band."""
+    ax.plot(xs, [mean(v) for v in values], color=color, label=label, **style)
+    if len(values[0]) > 1:
+        ax.fill_between(xs, [min(v) for v in values], [max(v) for v in values], color=color, alpha=0.2)
+
+
+def finish_axes(ax: Any, title: str, xlabel: str, ylabel: str) -> None:
+    ax.set_title(title)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+
+
 def plot_sweep(manifest: dict[str, Any], records: list[RunRecord], out: Path, cap: float) -> dict[str, Path]:
     import matplotlib
 
@@ -477,20 +496,12 @@ def plot_sweep(manifest: dict[str, Any], records: list[RunRecord], out: Path, ca
             if not steps:
                 continue
             xs = [mean(x_of(r)[s] for r in runs) for s in steps]
-            ys = [[r.val_loss[s] for r in runs] for s in steps]
-            label = variant + (f" (lr {lr:g})" if lr is not None else "")
-            label += f", {len(runs)} seeds" if len(runs) > 1 else ""
-            ax.plot(xs, [mean(y) for y in ys], marker="o", ms=3, color=colors[i % len(colors)], label=label)
-            if len(runs) > 1:
-                ax.fill_between(xs, [min(y) for y in ys], [max(y) for y in ys], color=colors[i % len(colors)],
-                                alpha=0.2)
+            mean_band(ax, xs, [[r.val_loss[s] for r in runs] for s in steps], colors[i % len(colors)],
+                      series_label(variant, lr, len(runs)), marker="o", ms=3)
             drawn = True
         if drawn:
-            ax.set_title(f"{manifest['name']}: val loss (mean over seeds; band: min..max; diverged runs not drawn)")
-            ax.set_xlabel(xlabel)
-            ax.set_ylabel("val loss (nats)")
-            ax.grid(alpha=0.3)
-            ax.legend(fontsize=7)
+            finish_axes(ax, f"{manifest['name']}: val loss (mean over seeds; band: min..max; diverged runs not "
+                            "drawn)", xlabel, "val loss (nats)")
             fig.tight_layout()
             written[name] = out / f"{name}.png"
             fig.savefig(written[name], dpi=110)
@@ -513,11 +524,8 @@ def plot_sweep(manifest: dict[str, Any], records: list[RunRecord], out: Path, ca
                         label=f"{variant} (LR sensitivity {lr_sensitivity(losses, cap):.3f})")
         ax.axhline(cap, ls="--", color="grey", lw=1, label=f"L_cap = {cap:.3f} (diverged runs count as this)")
         ax.set_xscale("log")
-        ax.set_title(f"{manifest['name']}: final val loss vs learning rate (mean ± std over seeds)")
-        ax.set_xlabel("learning rate")
-        ax.set_ylabel("final val loss (nats), capped at L_cap")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        finish_axes(ax, f"{manifest['name']}: final val loss vs learning rate (mean ± std over seeds)",
+                    "learning rate", "final val loss (nats), capped at L_cap")
         fig.tight_layout()
         written["lr_sensitivity"] = out / "lr_sensitivity.png"
         fig.savefig(written["lr_sensitivity"], dpi=110)
@@ -562,20 +570,11 @@ def plot_curve(manifest: dict[str, Any], records: list[RunRecord], tag: str, pat
         steps = sorted(set.intersection(*(set(r.curves[tag]) for r in runs))) if runs else []
         if not steps:
             continue
-        values = [[r.curves[tag][s] for r in runs] for s in steps]
-        label = variant + (f" (lr {lr:g})" if lr is not None else "") + (f", {len(runs)} seeds" if len(runs) > 1
-                                                                          else "")
-        ax.plot(steps, [mean(v) for v in values], color=colors[i % len(colors)], label=label)
-        if len(runs) > 1:
-            ax.fill_between(steps, [min(v) for v in values], [max(v) for v in values], color=colors[i % len(colors)],
-                            alpha=0.2)
+        mean_band(ax, steps, [[r.curves[tag][s] for r in runs] for s in steps], colors[i % len(colors)],
+                  series_label(variant, lr, len(runs)))
         drawn = True
     if drawn:
-        ax.set_title(f"{manifest['name']}: {tag} (mean over seeds; band: min..max)")
-        ax.set_xlabel("step")
-        ax.set_ylabel(tag)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        finish_axes(ax, f"{manifest['name']}: {tag} (mean over seeds; band: min..max)", "step", tag)
         fig.tight_layout()
         fig.savefig(path, dpi=110)
     plt.close(fig)
