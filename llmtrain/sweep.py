@@ -320,10 +320,13 @@ def token_budget(config: dict[str, Any]) -> Optional[int]:
 
 
 def resolved_settings(config: dict[str, Any], model: ModelConfig) -> dict[str, Any]:
-    """The config with `model.config` as the model resolves it (defaults filled in, d_ff and head_dim computed):
-    two runs that differ only in how a setting is spelled (`qk_norm: false` given or left to its default, a d_ff
-    given that the default would compute) get the same fingerprint, so a sweep runner can run them once."""
-    return apply_overrides(config, {"model.config": dataclasses.asdict(model)})
+    """The config with `model.config` as the model resolves it (d_ff and head_dim computed) less the fields at
+    their defaults: two runs that differ only in how a setting is spelled (`qk_norm: false` given or left to its
+    default, a d_ff given that the default would compute) get the same fingerprint, so a sweep runner can run them
+    once; and a field added to ModelConfig later, at its default, leaves finished sweeps' fingerprints as they are."""
+    defaults = {f.name: f.default for f in dataclasses.fields(ModelConfig)}
+    fields = {k: v for k, v in dataclasses.asdict(model).items() if v != defaults.get(k, dataclasses.MISSING)}
+    return apply_overrides(config, {"model.config": fields})
 
 
 def expand_runs(spec: SweepSpec) -> list[Run]:

@@ -13,7 +13,9 @@ import yaml
 from torch.utils.tensorboard import SummaryWriter
 
 from llmtrain.cli import main as llmtrain_main
-from llmtrain.sweep import SweepSpec, array_ranges, expand_grid, expand_runs, sweep_main, token_budget
+from llmtrain.model.config import ModelConfig
+from llmtrain.sweep import (SweepSpec, array_ranges, expand_grid, expand_runs, resolved_settings, sweep_main,
+                            token_budget)
 from llmtrain.sweep_report import lr_sensitivity
 
 REPO = Path(__file__).resolve().parents[1]
@@ -324,3 +326,16 @@ def test_tiny_cpu_sweep_end_to_end(prepared_corpus, tmp_path, capsys, monkeypatc
     assert [c["variant"] for c in summary["cells"]] == ["gelu", "swiglu"]
     for png in ("val_loss_vs_tokens", "val_loss_diff_vs_tokens", "val_loss_vs_time"):
         assert (out / "report" / f"{png}.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_fingerprints_ignore_spelling_and_fields_left_at_their_defaults(tmp_path):
+    # `qk_norm: false` given equals it left out; the resolved d_ff stays in (it is what the run trains); a field at
+    # its default is left out, so a field added to ModelConfig later does not orphan finished runs.
+    spec = SweepSpec.load(write_spec(tmp_path, {"seeds": [1], "variants": {
+        "implicit": {}, "explicit": {"model.config.qk_norm": False, "model.config.d_ff": 680},
+        "qk": {"model.config.qk_norm": True}}}))
+    runs = by_variant(expand_runs(spec))
+    assert runs["implicit"].fingerprint == runs["explicit"].fingerprint != runs["qk"].fingerprint
+    model = ModelConfig(**spec.base_config["model"]["config"])
+    fields = resolved_settings(spec.base_config, model)["model"]["config"]
+    assert fields["d_ff"] == 680 and fields["head_dim"] == 64 and "qk_norm" not in fields and "bias" not in fields
