@@ -139,9 +139,10 @@ class SinusoidalPosition(PositionEncoding):
     """Fixed sinusoids added to the token embedding (original Transformer); no parameters.
 
     The table is scaled to RMS `init_std`, the token embedding's RMS at init. Unscaled (RMS 1/sqrt(2)) it was 35x
-    the embedding at init_std 0.02 and drowned the token signal: the ablation suite measured +1.8 nats against RoPE
-    after 6.5M tokens (docs/ablations.md). Vaswani et al. balance the two the other way, multiplying embeddings by
-    sqrt(d_model), which would also scale the embeddings' gradients; this keeps every position scheme on one init.
+    the embedding at init_std 0.02 and drowned the token signal early in training (+1.8 nats against RoPE after
+    6.5M tokens). Scaled, it fades as the embeddings grow: over 49M tokens it ends no better than no positions
+    (docs/ablations.md, position encodings). Vaswani et al. balance the two the other way, multiplying embeddings
+    by sqrt(d_model); this keeps every position scheme on one init.
     """
 
     def __init__(self, config: ModelConfig) -> None:
