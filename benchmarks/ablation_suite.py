@@ -94,12 +94,12 @@ class Scale:
     tiny: bool = False
 
     def __post_init__(self) -> None:
-        base = yaml.safe_load(BASE.read_text())
+        self.base = yaml.safe_load(BASE.read_text())
         self.base_steps, self.base_width = shipped_base()
         self.resolved = {  # the values runs get: the flag's, else the base's
             "steps": self.steps or self.base_steps, "d_model": self.d_model or self.base_width,
-            "micro_batch_size": self.micro_batch_size or base["data"]["micro_batch_size"],
-            "seq_len": self.seq_len or base["data"]["seq_len"]}
+            "micro_batch_size": self.micro_batch_size or self.base["data"]["micro_batch_size"],
+            "seq_len": self.seq_len or self.base["data"]["seq_len"]}
 
     @property
     def tokens(self) -> int:
@@ -131,7 +131,7 @@ class Scale:
             if value is not None:
                 model["config"][key] = value
         if self.d_model is not None:  # the base's d_ff, at the new width
-            base_d_ff = yaml.safe_load(BASE.read_text())["model"]["config"].get("d_ff")
+            base_d_ff = self.base["model"]["config"].get("d_ff")
             if base_d_ff:
                 model["config"]["d_ff"] = self.width(int(base_d_ff))
         if self.seq_len is not None:
@@ -140,8 +140,7 @@ class Scale:
             data["micro_batch_size"] = self.micro_batch_size
         if self.steps is not None:
             trainer["max_steps"] = self.steps
-            base_warmup = yaml.safe_load(BASE.read_text())["model"]["optim"]["warmup_steps"]
-            model["optim"] = {"warmup_steps": self.warmup(int(base_warmup))}
+            model["optim"] = {"warmup_steps": self.warmup(int(self.base["model"]["optim"]["warmup_steps"]))}
         if self.val_points is not None:
             trainer["val_check_interval"] = self.resolved["steps"] // self.val_points
         if self.val_batches is not None:
