@@ -53,7 +53,8 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-from llmtrain.sweep import SpecError, SweepSpec, expand_runs, read_result, write_manifest  # noqa: E402
+from llmtrain.sweep import (SpecError, SweepSpec, expand_grid, expand_runs, read_result,  # noqa: E402
+                            write_manifest)
 
 ABLATIONS = REPO / "configs" / "ablations"
 BASE = ABLATIONS / "base.yaml"
@@ -190,7 +191,31 @@ def scale_overrides(overrides: dict[str, Any], scale: Scale, where: str, changes
     return out
 
 
-def derive_spec(name: str, scale: Scale, n_seeds: int, scale_path: Path, work: Path) -> Topic:
+def select(spec: dict[str, Any], topic: str, variants: list[str], lrs: list[float]) -> dict[str, Any]:
+    """The spec restricted to the variants named `TOPIC:VARIANT` in `variants` (its baseline always kept; a topic
+    none of them names keeps all) and to the LRs of its grid that are in `lrs` (a topic without an LR grid keeps
+    the base's)."""
+    wanted = [item.split(":", 1)[1] for item in variants if item.split(":", 1)[0] == topic]
+    if wanted:
+        named = spec["variants"] if "variants" in spec else expand_grid(spec.pop("grid"))
+        baseline = spec.get("baseline", next(iter(named)))
+        unknown = [v for v in wanted if v not in named]
+        if unknown:
+            raise SystemExit(f"error: --variants {topic}:{unknown[0]}: not a variant of {topic}; its variants: "
+                             f"{', '.join(named)}")
+        spec["variants"] = {v: o for v, o in named.items() if v == baseline or v in wanted}
+        spec["baseline"] = baseline
+    if lrs and spec.get("lrs"):
+        kept = [lr for lr in spec["lrs"] if any(math.isclose(float(lr), x, rel_tol=1e-6) for x in lrs)]
+        if not kept:
+            raise SystemExit(f"error: --lrs {' '.join(f'{x:g}' for x in lrs)}: none of {topic}'s LRs "
+                             f"({', '.join(f'{float(lr):g}' for lr in spec['lrs'])})")
+        spec["lrs"] = kept
+    return spec
+
+
+def derive_spec(name: str, scale: Scale, n_seeds: int, scale_path: Path, work: Path,
+                variants: tuple[str, ...] = (), lrs: tuple[float, ...] = ()) -> Topic:
     shipped_path = ABLATIONS / f"{name}.yaml"
     shipped = yaml.safe_load(shipped_path.read_text())
     spec = dict(shipped)
@@ -209,6 +234,7 @@ def derive_spec(name: str, scale: Scale, n_seeds: int, scale_path: Path, work: P
         for key, values in spec["grid"].items():
             grid[key] = [scale_overrides({key: v}, scale, "grid", changes)[key] for v in values]
         spec["grid"] = grid
+    spec = select(spec, name, list(variants), list(lrs))
     scaled = f"; scaled: {'; '.join(changes)}" if changes else ""
     spec["description"] = (str(shipped.get("description", "")).strip()
                            + f" [benchmarks/ablation_suite.py: {scale.tokens:,} tokens per run{scaled}.]")
@@ -281,7 +307,9 @@ def plan_markdown(topics: list[Topic], scale: Scale, args: argparse.Namespace, m
         "| topic | variants | LRs | seeds (shipped -> run) | runs (shipped -> run) | scaled values |",
         "|---|---|---|---|---|---|"]
     for t in topics:
-        shipped_runs = len(t.spec.variants) * len(t.shipped.get("lrs") or [None]) * len(t.shipped["seeds"])
+        shipped_variants = len(t.shipped["variants"]) if "variants" in t.shipped else \
+            math.prod(len(values) for values in t.shipped["grid"].values())
+        shipped_runs = shipped_variants * len(t.shipped.get("lrs") or [None]) * len(t.shipped["seeds"])
         lrs = ", ".join(f"{lr:g}" for lr in t.spec.lrs) or "base"
         lines.append(f"| {t.name} | {len(t.spec.variants)} | {lrs} | {t.shipped['seeds']} -> {t.spec.seeds} "
                      f"| {shipped_runs} -> {len(t.runs)} | {'; '.join(t.changes) or '-'} |")
@@ -635,6 +663,11 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     parser.add_argument("--reuse", type=Path, nargs="*", default=[],
                         help="folders of earlier calls' runs (runs_<name>.tar.gz unpacked): a run with the same "
                              "fingerprint found there is copied, not trained")
+    parser.add_argument("--variants", nargs="+", default=[], metavar="TOPIC:VARIANT",
+                        help="run only these variants of their topics (each topic's baseline is kept; topics not "
+                             "named keep all), e.g. qk_norm:qk_norm 'norm_position:norm_position=post,warmup_steps=75'")
+    parser.add_argument("--lrs", type=float, nargs="+", default=[],
+                        help="run only these LRs of the topics that have an LR grid")
     parser.add_argument("--steps", type=int, default=None, help="training steps per run (default: the base's; --tiny 6)")
     parser.add_argument("--micro_batch_size", type=int, default=None,
                         help="sequences per step (default: the base's; --tiny 4)")
@@ -681,6 +714,9 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
         if not folder.is_dir():
             parser.error(f"--reuse {folder}: not a folder (give the unpacked runs_<name> of an earlier call)")
     args.topics = resolve_topics(args.topics)
+    for item in args.variants:
+        if ":" not in item or item.split(":", 1)[0] not in args.topics:
+            parser.error(f"--variants {item!r}: give TOPIC:VARIANT with a topic of --topics ({', '.join(args.topics)})")
     args.name = args.name or next((g for g, t in GROUPS.items() if list(t) == args.topics), "custom")
     if args.work is None:
         args.work = REPO / "runs" / "ablation_suite" / args.name
@@ -701,7 +737,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     scale_path = args.work / "specs" / "scale.yaml"
     scale_path.write_text("# benchmarks/ablation_suite.py: applied after configs/ablations/base.yaml\n"
                           + yaml.safe_dump(scale.config(), sort_keys=False))
-    topics = [derive_spec(name, scale, args.seeds, scale_path, args.work) for name in args.topics]
+    topics = [derive_spec(name, scale, args.seeds, scale_path, args.work, tuple(args.variants), tuple(args.lrs))
+              for name in args.topics]
     plan = plan_markdown(topics, scale, args, meta)
     (args.out / "plan.md").write_text(plan)
     with open(args.out / "suite.log", "a") as log:

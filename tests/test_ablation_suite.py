@@ -53,6 +53,22 @@ def test_derived_specs_scale_warmup_and_d_ff_and_keep_the_grid(prepared_corpus, 
     assert "Estimate" in result.stdout
 
 
+def test_variants_and_lrs_select_part_of_a_topic_and_keep_its_baseline(prepared_corpus, tmp_path):
+    # A second scale runs only the large effects: post-norm against the (kept) pre-norm baseline, QK-norm at the
+    # high LR. The grid's names carry the warmup as scaled to --steps (75 of 1500 -> 5 of 100).
+    out, work = tmp_path / "out", tmp_path / "work"
+    suite("--dry_run", "--tiny", "--steps", "100", "--seeds", "2", "--topics", "norm_position", "qk_norm",
+          "--variants", "norm_position:norm_position=post,warmup_steps=5", "--lrs", "3e-2",
+          "--data_dir", str(prepared_corpus["shards"]), "--out", str(out), "--work", str(work))
+    norm = yaml.safe_load((work / "specs" / "norm_position.yaml").read_text())
+    assert list(norm["variants"]) == ["norm_position=pre,warmup_steps=5", "norm_position=post,warmup_steps=5"]
+    assert norm["baseline"] == "norm_position=pre,warmup_steps=5" and "grid" not in norm and norm["lrs"] == [0.03]
+    qk = yaml.safe_load((work / "specs" / "qk_norm.yaml").read_text())
+    assert list(qk["variants"]) == ["no_qk_norm", "qk_norm"] and qk["lrs"] == [0.03]  # not named: all variants
+    plan = (out / "plan.md").read_text()
+    assert "| norm_position | 2 | 0.03 | [1, 2, 3] -> [1, 2] | 24 -> 4 |" in plan
+
+
 def test_shipped_base_is_what_its_header_says():
     """The base's comment states its size and token budget; the numbers are the config's."""
     sys.path.insert(0, str(REPO))
@@ -80,6 +96,9 @@ def test_bad_arguments_are_named(prepared_corpus, tmp_path):
     assert "'nope'" in fails("--data_dir", shards, "--topics", "nope")
     assert "--val_points 2" in fails("--data_dir", shards, "--steps", "7")
     assert "--reuse" in fails("--data_dir", shards, "--reuse", str(tmp_path / "missing"))
+    assert "TOPIC:VARIANT" in fails("--data_dir", shards, "--topics", "bias", "--variants", "qk_norm:qk_norm")
+    assert "not a variant of bias" in fails("--data_dir", shards, "--topics", "bias", "--variants", "bias:nope")
+    assert "none of qk_norm's LRs" in fails("--data_dir", shards, "--topics", "qk_norm", "--lrs", "1e-4")
     assert "metadata.json" in fails("--data_dir", str(tmp_path / "missing"))
 
 
