@@ -202,3 +202,22 @@ def test_a_first_wave_that_all_fails_stops_the_suite(prepared_corpus, tmp_path):
     assert "the first 2 runs all failed: stopping the suite" in log
     assert "- Cancelled: 3, because the first wave of runs all failed" in (out / "summary.md").read_text()
     assert len(list((work / "sweeps" / "position").rglob("result.json"))) == 2  # no third run was started
+
+
+def test_a_smaller_last_wave_starts_when_a_full_one_would_not_end_in_time():
+    import argparse
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("ablation_suite", SUITE)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["ablation_suite"] = module  # its dataclasses look their module up there
+    try:
+        spec.loader.exec_module(module)  # type: ignore[union-attr]
+    finally:
+        del sys.modules["ablation_suite"]
+    args = argparse.Namespace(parallel=12, assumed_overhead_s=60.0)
+    # A run that shared the device with 12 took 220 s: 60 s start-up and 160 s of training that shrinks with the
+    # runs at once. 200 s left: a full wave does not fit, 8 runs (60 + 160 * 8 / 12 = 167 s) do, 11 do not.
+    assert module.fits(12, 220.0, 230.0, args) and not module.fits(12, 220.0, 200.0, args)
+    assert module.fits(8, 220.0, 200.0, args) and not module.fits(11, 220.0, 200.0, args)
+    assert not module.fits(1, 220.0, 60.0, args)  # start-up alone does not fit
