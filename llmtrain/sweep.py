@@ -11,6 +11,7 @@ A spec (YAML; the shipped ones are in configs/ablations/, the format is in docs/
     match: {quantity: params, by: model.config.d_ff}   # optional: size `by` so each variant has the count of
                                             # the base (+ overrides); quantity: params | params_total | flops
     baseline: gelu                          # the variant others are compared with (default: the first)
+    curves: [stability/weight_rms/global]   # optional: tags the report plots over training per variant
     variants:                               # named variants, or `grid: {key: [values]}` for a cartesian product
       gelu: {model.config.ffn: gelu}
       swiglu: {model.config.ffn: swiglu}
