@@ -44,6 +44,8 @@ REQUIREMENTS: dict[str, tuple[Any, str, str]] = {
     "position": ("rope", "their only position signal is RoPE",
                  ("BloomForCausalLM and MptForCausalLM have ALiBi, GPT2LMHeadModel learned positions, "
                   "XGLMForCausalLM sinusoids")),
+    "scale_embeddings": (False, "their embeddings are not scaled",
+                         "GemmaForCausalLM scales embeddings by sqrt(hidden_size) (with other differences)"),
     "attn_logit_softcap": (None, "their attention has no logit soft-cap",
                            "Gemma2ForCausalLM has attn_logit_softcapping (with other differences)"),
     "final_logit_softcap": (None, "they have no final logit soft-cap",

@@ -63,6 +63,9 @@ class ModelConfig:
         position: rope (rotary, rope_theta), learned (absolute embeddings), sinusoidal (fixed absolute), alibi
             (linear attention bias), none (causal mask only).
         rope_theta: RoPE base frequency.
+        sinusoid_rms: RMS of the fixed sinusoid table (position sinusoidal); null = the token embeddings' RMS at
+            init (init_std, times sqrt(d_model) with scale_embeddings). Vaswani et al.'s unscaled table is 1/sqrt(2).
+        scale_embeddings: multiply the token embeddings by sqrt(d_model) (Vaswani et al. 2017, Gemma).
         qk_norm: RMSNorm of q and k per head before the dot product (Dehghani et al. 2023, Wortsman et al. 2023).
         attn_logit_softcap: cap * tanh(logit / cap) on attention logits (Gemma 2); null = off.
         final_logit_softcap: the same on the output logits; null = off.
@@ -88,6 +91,8 @@ class ModelConfig:
     ffn: Ffn = "swiglu"
     position: Position = "rope"
     rope_theta: float = 10000.0
+    sinusoid_rms: Optional[float] = None
+    scale_embeddings: bool = False
     qk_norm: bool = False
     attn_logit_softcap: Optional[float] = None
     final_logit_softcap: Optional[float] = None
@@ -114,8 +119,11 @@ class ModelConfig:
         _choice("ffn", self.ffn, FFN_CHOICES)
         _choice("position", self.position, POSITION_CHOICES)
         _choice("attention_backend", self.attention_backend, ATTENTION_BACKENDS)
-        for field in ("norm_eps", "rope_theta", "init_std", "attn_logit_softcap", "final_logit_softcap"):
+        for field in ("norm_eps", "rope_theta", "init_std", "attn_logit_softcap", "final_logit_softcap",
+                      "sinusoid_rms"):
             _positive(field, getattr(self, field))
+        if self.sinusoid_rms is not None and self.position != "sinusoidal":
+            _fail("sinusoid_rms", self.sinusoid_rms, f"applies to position 'sinusoidal' (position is {self.position!r})")
         if self.attention_backend == "sdpa" and self.attn_logit_softcap is not None:
             # SDPA has no hook for a score modification: the cap would be silently ignored.
             _fail("attention_backend", self.attention_backend,

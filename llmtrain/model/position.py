@@ -138,7 +138,7 @@ def sinusoidal_table(max_seq_len: int, d_model: int, device: Optional[torch.devi
 class SinusoidalPosition(PositionEncoding):
     """Fixed sinusoids added to the token embedding (original Transformer); no parameters.
 
-    The table is scaled to RMS `init_std`, the token embedding's RMS at init. Unscaled (RMS 1/sqrt(2)) it was 35x
+    The table is scaled to `sinusoid_rms`, by default the token embeddings' RMS at init. Unscaled (RMS 1/sqrt(2)) it was 35x
     the embedding at init_std 0.02 and drowned the token signal early in training (+1.8 nats against RoPE after
     6.5M tokens). Scaled, it fades as the embeddings grow: over 49M tokens it ends no better than no positions
     (docs/ablations.md, position encodings). Vaswani et al. balance the two the other way, multiplying embeddings
@@ -148,7 +148,10 @@ class SinusoidalPosition(PositionEncoding):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__(config)
         self.max_seq_len, self.d_model = config.max_seq_len, config.d_model
-        self.scale = config.init_std * math.sqrt(2.0)  # a sin/cos table has RMS 1/sqrt(2)
+        rms = config.sinusoid_rms
+        if rms is None:  # the token embeddings' RMS at init
+            rms = config.init_std * (math.sqrt(config.d_model) if config.scale_embeddings else 1.0)
+        self.scale = rms * math.sqrt(2.0)  # a sin/cos table has RMS 1/sqrt(2)
         self.register_buffer("table", torch.empty(self.max_seq_len, self.d_model), persistent=False)
         self.reset_parameters()
 

@@ -120,6 +120,8 @@ class Decoder(nn.Module):
         positions = torch.arange(T, device=input_ids.device)[None] if position_ids is None else position_ids
 
         h = self.tok_embeddings(input_ids)  # (B, T, d_model)
+        if self.config.scale_embeddings:
+            h = h * math.sqrt(self.config.d_model)
         h = self.position.embed(h, positions)
         ctx = self.position.context(positions, document_ids)  # rope tables / alibi slopes, once for all layers
         ctx.kernel = build_attention_kernel(self.config, ctx, B, h.dtype)  # masks, once for all layers

@@ -146,16 +146,17 @@ def test_export_refuses_a_tokenizer_it_cannot_reproduce(tmp_path: Path) -> None:
 
 def test_export_refuses_other_architectures_naming_every_field_and_a_home(tmp_path: Path) -> None:
     config = tiny(norm="layernorm", norm_position="post", position="alibi", ffn="gelu", bias=True, qk_norm=True,
-                  attn_logit_softcap=50.0, final_logit_softcap=30.0)
+                  attn_logit_softcap=50.0, final_logit_softcap=30.0, scale_embeddings=True)
     src = save_lightning_style(tmp_path / "model.ckpt", random_decoder(config))
     with pytest.raises(CheckpointError) as error:
         export_hf(str(src), str(tmp_path / "hf"), tokenizer="none")
     message = str(error.value)
     for field in ("norm='layernorm'", "norm_position='post'", "position='alibi'", "ffn='gelu'", "bias=True",
-                  "attn_logit_softcap=50.0", "final_logit_softcap=30.0"):
+                  "attn_logit_softcap=50.0", "final_logit_softcap=30.0", "scale_embeddings=True"):
         assert field in message
     assert "qk_norm" not in message  # Qwen3 holds it
-    for home in ("BloomForCausalLM", "Gemma2ForCausalLM", "attention_bias=true and mlp_bias=true"):
+    for home in ("BloomForCausalLM", "Gemma2ForCausalLM", "GemmaForCausalLM scales embeddings",
+                 "attention_bias=true and mlp_bias=true"):
         assert home in message
     assert not (tmp_path / "hf").exists()
 

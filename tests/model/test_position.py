@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 
+from llmtrain.model.config import ConfigError
 from llmtrain.model import Decoder
 from llmtrain.model.position import (RoPE, alibi_bias, alibi_slopes, apply_rope, build_position,
                                      sinusoidal_table)
@@ -85,6 +86,32 @@ def test_sinusoids_are_added_at_the_token_embeddings_scale(tiny) -> None:
     rms = added.pow(2).mean().sqrt().item()
     assert rms == pytest.approx(0.02, rel=0.05)
     torch.testing.assert_close(added[0] / (0.02 * math.sqrt(2)), sinusoidal_table(config.max_seq_len, config.d_model).float())
+
+
+def test_sinusoid_rms_and_scaled_embeddings_set_the_balance_of_table_and_tokens(tiny) -> None:
+    def table_rms(config) -> float:
+        position = Decoder(config).position
+        h = torch.zeros(1, config.max_seq_len, config.d_model)
+        return position.embed(h, torch.arange(config.max_seq_len)[None]).pow(2).mean().sqrt().item()
+
+    # Vaswani et al.'s table (RMS 1/sqrt(2)); with scaled embeddings the default follows them to init_std·sqrt(d).
+    assert table_rms(tiny(position="sinusoidal", sinusoid_rms=0.7071)) == pytest.approx(0.7071, rel=0.05)
+    assert table_rms(tiny(position="sinusoidal", scale_embeddings=True)) == \
+        pytest.approx(0.02 * math.sqrt(32), rel=0.05)
+    with pytest.raises(ConfigError, match="sinusoid_rms.*applies to position 'sinusoidal'"):
+        tiny(position="rope", sinusoid_rms=0.5)
+
+
+def test_scaled_embeddings_enter_the_blocks_times_sqrt_d_model(tiny) -> None:
+    torch.manual_seed(0)
+    plain = Decoder(tiny())
+    scaled = Decoder(tiny(scale_embeddings=True))
+    scaled.load_state_dict(plain.state_dict())  # no new parameters: the same weights load
+    seen, ids = {}, torch.randint(0, 64, (2, 8))
+    for name, model in (("plain", plain), ("scaled", scaled)):
+        model.blocks[0].register_forward_pre_hook(lambda m, args, name=name: seen.__setitem__(name, args[0]))
+        model(ids)
+    torch.testing.assert_close(seen["scaled"], seen["plain"] * math.sqrt(32))
 
 
 @pytest.mark.parametrize("position", ["rope", "sinusoidal", "alibi", "learned"])
