@@ -668,17 +668,20 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
                              "named keep all), e.g. qk_norm:qk_norm 'norm_position:norm_position=post,warmup_steps=75'")
     parser.add_argument("--lrs", type=float, nargs="+", default=[],
                         help="run only these LRs of the topics that have an LR grid")
-    parser.add_argument("--steps", type=int, default=None, help="training steps per run (default: the base's; --tiny 6)")
+    parser.add_argument("--steps", type=int, default=None,
+                        help="training steps per run (default: the base's; --tiny 6)")
     parser.add_argument("--micro_batch_size", type=int, default=None,
                         help="sequences per step (default: the base's; --tiny 4)")
-    parser.add_argument("--seq_len", type=int, default=None, help="tokens per sequence (default: the base's; --tiny 64)")
+    parser.add_argument("--seq_len", type=int, default=None,
+                        help="tokens per sequence (default: the base's; --tiny 64)")
     parser.add_argument("--d_model", type=int, default=None, help="base width (default: the base's; --tiny 64)")
     parser.add_argument("--n_layer", type=int, default=None, help="base depth (default: the base's; --tiny 2)")
     parser.add_argument("--n_head", type=int, default=None, help="base heads (default: the base's; --tiny 2)")
     parser.add_argument("--vocab_size", type=int, default=None, help="must match the shards (default: theirs)")
     parser.add_argument("--seeds", type=int, default=None,
                         help="the first N of each spec's seeds (default 3; --tiny 1; seed_noise keeps all its seeds)")
-    parser.add_argument("--parallel", type=int, default=None, help="runs at once on the one device (default 8; --tiny 2)")
+    parser.add_argument("--parallel", type=int, default=None,
+                        help="runs at once on the one device (default 8; --tiny 2)")
     parser.add_argument("--val_points", type=int, default=None,
                         help="validations per run, the last at the last step (default: the base's; --tiny 2)")
     parser.add_argument("--val_batches", type=int, default=None, help="limit_val_batches (default: the base's)")

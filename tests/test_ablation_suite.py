@@ -120,7 +120,8 @@ def test_runs_with_the_same_settings_train_once_and_later_calls_reuse_them(prepa
     with tarfile.open(first / "out" / "runs_a.tar.gz") as tar:
         tar.extractall(tmp_path / "unpacked")
     suite("--tiny", "--topics", "bias", "weight_decay", "--name", "b", "--data_dir", shards,
-          "--reuse", str(tmp_path / "unpacked" / "runs_a"), "--out", str(second / "out"), "--work", str(second / "work"))
+          "--reuse", str(tmp_path / "unpacked" / "runs_a"), "--out", str(second / "out"),
+          "--work", str(second / "work"))
     log = (second / "out" / "suite.log").read_text()
     assert "reused from earlier calls: 3 of 5 runs" in log  # both bias runs and weight_decay's wd0.1 (the base)
     assert len(re.findall(r"started \+", log)) == 2  # wd0 and wd0.3 trained

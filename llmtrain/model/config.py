@@ -123,7 +123,8 @@ class ModelConfig:
                       "sinusoid_rms"):
             _positive(field, getattr(self, field))
         if self.sinusoid_rms is not None and self.position != "sinusoidal":
-            _fail("sinusoid_rms", self.sinusoid_rms, f"applies to position 'sinusoidal' (position is {self.position!r})")
+            _fail("sinusoid_rms", self.sinusoid_rms,
+                  f"applies to position 'sinusoidal' (position is {self.position!r})")
         if self.attention_backend == "sdpa" and self.attn_logit_softcap is not None:
             # SDPA has no hook for a score modification: the cap would be silently ignored.
             _fail("attention_backend", self.attention_backend,

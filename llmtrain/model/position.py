@@ -138,11 +138,11 @@ def sinusoidal_table(max_seq_len: int, d_model: int, device: Optional[torch.devi
 class SinusoidalPosition(PositionEncoding):
     """Fixed sinusoids added to the token embedding (original Transformer); no parameters.
 
-    The table is scaled to `sinusoid_rms`, by default the token embeddings' RMS at init. Unscaled (RMS 1/sqrt(2)) it was 35x
-    the embedding at init_std 0.02 and drowned the token signal early in training (+1.8 nats against RoPE after
-    6.5M tokens). Scaled, it fades as the embeddings grow: over 49M tokens it ends no better than no positions
-    (docs/ablations.md, position encodings). Vaswani et al. balance the two the other way, multiplying embeddings
-    by sqrt(d_model); this keeps every position scheme on one init.
+    The table is scaled to `sinusoid_rms`, by default the token embeddings' RMS at init. Unscaled (RMS 1/sqrt(2))
+    it was 35x the embedding at init_std 0.02 and drowned the token signal early in training (+1.8 nats against
+    RoPE after 6.5M tokens). Scaled, it fades as the embeddings grow: over 49M tokens it ends no better than no
+    positions (docs/ablations.md, position encodings). Vaswani et al. balance the two the other way: the table at
+    RMS 1/sqrt(2) and the embeddings multiplied by sqrt(d_model) (`sinusoid_rms`, `scale_embeddings`).
     """
 
     def __init__(self, config: ModelConfig) -> None:
