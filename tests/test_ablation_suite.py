@@ -189,7 +189,7 @@ def test_runs_still_going_at_the_time_budget_are_stopped_and_reported_pending(pr
 @pytest.mark.slow
 def test_a_first_wave_that_all_fails_stops_the_suite(prepared_corpus, tmp_path):
     # A truncated shard fails every fit (a set-up error every run would repeat): the suite stops after the first
-    # wave of 2 instead of starting the other 3 position runs.
+    # wave of 2 instead of starting the other 4 position runs.
     shards = tmp_path / "shards"
     shutil.copytree(prepared_corpus["shards"], shards)
     train = next(shards.glob("train_*.bin"))
@@ -201,7 +201,7 @@ def test_a_first_wave_that_all_fails_stops_the_suite(prepared_corpus, tmp_path):
     assert result.returncode == 1, result.stderr[-3000:]  # failed runs: a non-zero exit
     log = (out / "suite.log").read_text()
     assert "the first 2 runs all failed: stopping the suite" in log
-    assert "- Cancelled: 3, because the first wave of runs all failed" in (out / "summary.md").read_text()
+    assert "- Cancelled: 4, because the first wave of runs all failed" in (out / "summary.md").read_text()
     assert len(list((work / "sweeps" / "position").rglob("result.json"))) == 2  # no third run was started
 
 
