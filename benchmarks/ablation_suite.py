@@ -54,7 +54,7 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 from llmtrain.sweep import (SpecError, SweepSpec, expand_grid, expand_runs, read_result,  # noqa: E402
-                            write_manifest)
+                            write_json, write_manifest)
 
 ABLATIONS = REPO / "configs" / "ablations"
 BASE = ABLATIONS / "base.yaml"
@@ -69,10 +69,9 @@ CONCURRENCY_NOTE = ("tokens/s and wall times were measured with up to {k} runs s
                     "ran beside each run and do not compare the variants' speed.")
 
 
-def shipped_base() -> tuple[int, int]:
-    """(trainer.max_steps, model.config.d_model) of configs/ablations/base.yaml: what steps and widths scale from."""
-    base = yaml.safe_load(BASE.read_text())
-    return int(base["trainer"]["max_steps"]), int(base["model"]["config"]["d_model"])
+def shipped_base() -> dict[str, Any]:
+    """configs/ablations/base.yaml: what steps, warmups and widths scale from."""
+    return yaml.safe_load(BASE.read_text())
 
 
 # ---------------------------------------------------------------------------------------------- the scale
@@ -95,8 +94,9 @@ class Scale:
     tiny: bool = False
 
     def __post_init__(self) -> None:
-        self.base = yaml.safe_load(BASE.read_text())
-        self.base_steps, self.base_width = shipped_base()
+        self.base = shipped_base()
+        self.base_steps = int(self.base["trainer"]["max_steps"])
+        self.base_width = int(self.base["model"]["config"]["d_model"])
         self.resolved = {  # the values runs get: the flag's, else the base's
             "steps": self.steps or self.base_steps, "d_model": self.d_model or self.base_width,
             "micro_batch_size": self.micro_batch_size or self.base["data"]["micro_batch_size"],
@@ -382,9 +382,7 @@ def copy_run(source: Path, job: Job) -> str:
     result = read_result(target) or {}
     result.update(index=job.run.index, key=job.run.key, variant=job.run.variant, lr=job.run.lr,
                   overrides=job.run.overrides, copied_from=str(source))
-    tmp = target / ".result.json.tmp"
-    tmp.write_text(json.dumps(result, indent=1))
-    tmp.replace(target / "result.json")
+    write_json(target / "result.json", result)
     job.state = "copied"
     return result.get("status", "?")
 
@@ -708,7 +706,7 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
                 "val_points", "val_batches"):
         if getattr(args, key) is not None and getattr(args, key) < 1:
             parser.error(f"--{key} {getattr(args, key)}: must be >= 1")
-    if args.val_points and (args.steps or shipped_base()[0]) % args.val_points:
+    if args.val_points and (args.steps or shipped_base()["trainer"]["max_steps"]) % args.val_points:
         parser.error(f"the steps are not a multiple of --val_points {args.val_points}: the last validation must "
                      "fall on the last step (the report's final val loss)")
     if args.tiny and args.compile != "off":

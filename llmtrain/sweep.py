@@ -405,7 +405,7 @@ def has_checkpoint(run_dir: Path) -> bool:
 # ---------------------------------------------------------------------------------------------- running one
 
 
-def _write_json(path: Path, data: dict[str, Any]) -> None:
+def write_json(path: Path, data: dict[str, Any]) -> None:
     """Written to a temporary name and renamed: a reader (or a killed writer) never sees half a file. Strict JSON:
     a NaN in a run's summary (a metric not logged, a diverged loss) is written as null."""
     from llmtrain.report import strict_json
@@ -490,7 +490,7 @@ def execute(spec: SweepSpec, run: Run, out: Path) -> tuple[dict[str, Any], bool]
         "command": shlex.join(command), "summary": summarize_run(scalars) if scalars else None,
         "finished_at": datetime.datetime.now().isoformat(timespec="seconds"),
     }
-    _write_json(run_dir / "result.json", result)
+    write_json(run_dir / "result.json", result)
     return result, True
 
 
@@ -506,7 +506,7 @@ def write_manifest(spec: SweepSpec, runs: list[Run], out: Path) -> None:
                   "tokens": r.tokens, "shape": r.shape, "overrides": r.overrides} for r in runs],
     }
     out.mkdir(parents=True, exist_ok=True)
-    _write_json(out / "sweep.json", manifest)
+    write_json(out / "sweep.json", manifest)
     if not (out / "spec.yaml").is_file() or (out / "spec.yaml").read_text() != spec.path.read_text():
         tmp = out / f".spec.yaml.{socket.gethostname()}.{os.getpid()}.tmp"
         tmp.write_text(spec.path.read_text())

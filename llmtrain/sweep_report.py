@@ -533,19 +533,20 @@ def plot_sweep(manifest: dict[str, Any], records: list[RunRecord], out: Path, ca
     return written
 
 
-def curve_runs(records: list[RunRecord], variant: str, tag: str) -> tuple[Optional[float], list[RunRecord]]:
-    """(the variant's best LR, its finished runs there that logged `tag`)."""
+def curve_runs(records: list[RunRecord], variant: str, tag: str
+               ) -> tuple[Optional[float], list[RunRecord], list[int]]:
+    """(the variant's best LR, its finished runs there that logged `tag`, the steps every one of them logged)."""
     lr = best_lr(records, variant)
-    return lr, [r for r in records if r.variant == variant and r.lr == lr and r.status == "finished"
-                and r.curves.get(tag)]
+    runs = [r for r in records if r.variant == variant and r.lr == lr and r.status == "finished" and r.curves.get(tag)]
+    steps = sorted(set.intersection(*(set(r.curves[tag]) for r in runs))) if runs else []
+    return lr, runs, steps
 
 
 def curve_table(manifest: dict[str, Any], records: list[RunRecord], tag: str) -> str:
     """Per variant (at its best LR): the tag at the last step every seed logged, and its change from the first."""
     lines = [f"| variant | LR | seeds | `{tag}` first | last (step) | last / first |", "|---|---|---|---|---|---|"]
     for variant in manifest["variants"]:
-        lr, runs = curve_runs(records, variant, tag)
-        steps = sorted(set.intersection(*(set(r.curves[tag]) for r in runs))) if runs else []
+        lr, runs, steps = curve_runs(records, variant, tag)
         if not steps:
             continue
         first, last = (Spread.of([r.curves[tag][step] for r in runs], fmt=None) for step in (steps[0], steps[-1]))
@@ -566,8 +567,7 @@ def plot_curve(manifest: dict[str, Any], records: list[RunRecord], tag: str, pat
     fig, ax = plt.subplots(figsize=(8, 4.5))
     drawn = False
     for i, variant in enumerate(manifest["variants"]):
-        lr, runs = curve_runs(records, variant, tag)
-        steps = sorted(set.intersection(*(set(r.curves[tag]) for r in runs))) if runs else []
+        lr, runs, steps = curve_runs(records, variant, tag)
         if not steps:
             continue
         mean_band(ax, steps, [[r.curves[tag][s] for r in runs] for s in steps], colors[i % len(colors)],
