@@ -334,6 +334,8 @@ def report_main(argv: list[str]) -> int:
     parser.add_argument("--curves", nargs="+", default=[], metavar="TAG",
                         help="sweep folders: also plot these TensorBoard tags over training per variant (e.g. "
                              "stability/weight_rms/global), besides the spec's `curves`")
+    parser.add_argument("--baseline", default=None, metavar="VARIANT",
+                        help="sweep folders: compare every variant with this one instead of the spec's baseline")
     args = parser.parse_args(argv)
     if args.noise is not None and not is_sweep_dir(args.noise):
         parser.error(f"--noise {args.noise}: not a sweep folder (made by `llmtrain sweep`)")
@@ -342,12 +344,12 @@ def report_main(argv: list[str]) -> int:
         if len(args.run_dirs) == 1 and is_sweep_dir(args.run_dirs[0]):
             from llmtrain.sweep_report import write_sweep_report
 
-            summary = write_sweep_report(args.run_dirs[0], out, args.noise, tuple(args.curves))
+            summary = write_sweep_report(args.run_dirs[0], out, args.noise, tuple(args.curves), args.baseline)
         else:
-            if args.noise is not None or args.curves:
-                parser.error("--noise and --curves apply to a sweep folder, not to run folders")
+            if args.noise is not None or args.curves or args.baseline:
+                parser.error("--noise, --curves and --baseline apply to a sweep folder, not to run folders")
             summary = write_report(args.run_dirs, out)
-    except FileNotFoundError as error:
+    except (FileNotFoundError, ValueError) as error:
         print(f"llmtrain report: {error}", file=sys.stderr)
         return 1
     print(summary.read_text())

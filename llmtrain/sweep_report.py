@@ -615,11 +615,17 @@ def summary_data(manifest: dict[str, Any], records: list[RunRecord], noise: Opti
 
 
 def write_sweep_report(sweep_dir: Path, out: Path, noise_dir: Optional[Path] = None,
-                       curves: tuple[str, ...] = ()) -> Path:
+                       curves: tuple[str, ...] = (), baseline: Optional[str] = None) -> Path:
     """summary.md, summary.json and PNGs of a sweep into `out`; `noise_dir`: a sweep of one config over several
     seeds whose spread gives the interval where a comparison has a single paired seed (see compare); `curves`:
-    TensorBoard tags to plot over training per variant, besides the spec's `curves`."""
+    TensorBoard tags to plot over training per variant, besides the spec's `curves`; `baseline`: the variant every
+    other is compared with, instead of the spec's (e.g. two non-baseline variants against each other)."""
     manifest, records = load_sweep(sweep_dir, curves)
+    if baseline is not None:
+        if baseline not in manifest["variants"]:
+            raise ValueError(f"baseline {baseline!r} is not a variant of {sweep_dir}: choose one of "
+                             + ", ".join(manifest["variants"]))
+        manifest["baseline"] = baseline
     noise = seed_noise(noise_dir) if noise_dir is not None else None
     out.mkdir(parents=True, exist_ok=True)
     vocab = manifest.get("vocab_size")

@@ -121,6 +121,26 @@ def test_a_small_paired_offset_is_detected_and_identical_variants_are_not(tmp_pa
     assert (tmp_path / "report" / "val_loss_diff_vs_tokens.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def test_another_baseline_compares_every_variant_with_it_and_an_unknown_one_names_the_variants(tmp_path):
+    sweep = tmp_path / "sweep"
+    runs = []
+    for seed, effect in SEED_EFFECT.items():
+        base = [5.0 + effect, 4.0 + effect]
+        runs += [plant_run(sweep, "base", seed, base),
+                 plant_run(sweep, "wide", seed, [v - 0.01 for v in base]),
+                 plant_run(sweep, "deep", seed, [v - 0.03 for v in base])]
+    write_manifest(sweep, runs, ["base", "wide", "deep"], [1, 2, 3])
+
+    rows = table_rows(write_sweep_report(sweep, tmp_path / "report", baseline="wide").read_text())
+    assert rows[("wide", "base")]["verdict"] == "baseline"
+    assert rows[("base", "base")]["Δ vs baseline (paired)"].startswith("+0.01") and \
+        rows[("base", "base")]["verdict"] == "higher"
+    assert rows[("deep", "base")]["Δ vs baseline (paired)"].startswith("-0.02") and \
+        rows[("deep", "base")]["verdict"] == "lower"
+    with pytest.raises(ValueError, match="'tall' is not a variant .*: choose one of base, wide, deep"):
+        write_sweep_report(sweep, tmp_path / "report2", baseline="tall")
+
+
 def test_diverged_runs_are_left_out_and_named_stability_is_per_variant_and_json_is_strict(tmp_path):
     sweep = tmp_path / "sweep"
     runs = []
