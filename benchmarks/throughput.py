@@ -13,7 +13,8 @@ Rows, per shape (124m 768/12/12 mb16, 350m 1024/24/16 mb8, 1b 2048/16/16 mb4; vo
               every step), validation off, and PeriodicCheckpoint moved past the end of the run (no checkpoint in the
               timed window). tokens/s is the Throughput callback's one window over steps warmup+1..steps.
 A loop row whose framework does not import (or fails) is reported with its error line. Loop-row levers
-(--baseline_variants): mb2x/mb4x/mb6x, fp8 (each framework's own float8 path), sdpa (torchtitan's maskless attention).
+(--baseline_variants): mb2x/mb4x/mb6x, fp8 (each framework's own float8 path), sdpa (torchtitan's maskless attention),
+clip (gradient clipping at norm 1.0, which llmtrain's configs do and the plain loop rows do not).
 'vs loop' is always against the baseline row of the same shape, micro-batch and precision; a lever that changes the
 micro-batch is its own row against the loop at that micro-batch.
 With --profile N, every row also profiles N steps after its timed window (StepProfiler's report, the loop rows
@@ -84,9 +85,12 @@ LEVERS = {
                  "compared with llmtrain shipped)",
 }
 MICRO_BATCH_LEVERS = {"mb2x": 2, "mb4x": 4, "mb6x": 6}  # lever -> factor on the shape's micro-batch
-# Levers of the loop rows (--baseline_variants): the micro-batch levers, float8, and torchtitan's maskless attention.
+# Levers of the loop rows (--baseline_variants): the micro-batch levers, float8, torchtitan's maskless attention, and
+# gradient clipping (llmtrain's configs clip; a loop row without it trains a lighter recipe than the llmtrain row).
 LOOP_LEVERS = {**{k: v for k, v in LEVERS.items() if k in MICRO_BATCH_LEVERS}, "fp8": LEVERS["fp8"],
-               "sdpa": "torchtitan only: their ScaledDotProductAttention (is_causal) instead of their default flex"}
+               "sdpa": "torchtitan only: their ScaledDotProductAttention (is_causal) instead of their default flex",
+               "clip": "gradients clipped to global 2-norm 1.0 every step (torch clip_grad_norm_), as llmtrain's "
+                       "configs do (gradient_clip_val 1.0)"}
 DATASHEET_BF16 = PEAK_FLOPS
 STABILITY_CALLBACKS = ("LogitMonitor", "AttentionMonitor", "WeightMonitor", "SpikeDetector")
 MONITOR_INTERVAL = 100  # the monitors' every_n_steps in configs/llama-*.yaml
@@ -256,12 +260,15 @@ def loop(impl: str, shape: str, micro_batch: int, steps: int, warmup: int, vocab
                                   **({"fused": True} if cuda else {"foreach": True}))
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda)
     gen = torch.Generator(device=device).manual_seed(0)
+    clip, params = "clip" in levers, [p for p in model.parameters() if p.requires_grad]
 
     def step() -> torch.Tensor:
         tokens = torch.randint(0, vocab_size, (micro_batch, seq + 1), device=device, generator=gen)
         with autocast:
             loss = loss_fn(tokens)
         loss.backward()
+        if clip:
+            torch.nn.utils.clip_grad_norm_(params, 1.0, foreach=True)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         return loss

@@ -75,6 +75,21 @@ def test_every_ratio_is_taken_against_the_loop_at_the_same_micro_batch_and_preci
     assert ratios[3] == pytest.approx(0.95) and ratios[7] == pytest.approx(1.05)  # bf16 at 8 against bf16 at 8
     assert ratios[4] == pytest.approx(0.9) and ratios[6] == pytest.approx(0.8)  # float8 against the loop's float8
     assert 5 not in ratios and 8 not in ratios  # no float8 loop at 32, no loop at 124m: no ratio, not a wrong one
+    clipped = same_recipe_ratios([*rows, _row("baseline", "clip", 8, 98.0)])
+    assert clipped[3] == pytest.approx(0.95) and clipped[9] == pytest.approx(0.98)  # a lever row, not the reference
+
+
+def test_the_clip_lever_clips_the_loop_rows_gradients_every_step(monkeypatch):
+    import torch
+    from throughput import loop
+
+    calls = []
+    clip = torch.nn.utils.clip_grad_norm_
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_",
+                        lambda params, max_norm, **kw: calls.append(max_norm) or clip(params, max_norm, **kw))
+    for levers in ((), ("clip",)):
+        loop("baseline", "tiny", micro_batch=2, steps=3, warmup=1, vocab_size=256, tiny=True, levers=levers)
+    assert calls == [1.0, 1.0, 1.0]  # the clip row's three steps; the plain row clips nothing
 
 
 def test_result_rows_give_mfu_against_the_datasheet_and_the_measured_ceiling_and_name_a_failure():
