@@ -6,8 +6,10 @@ diverged and at which steps. Each variant is compared with the baseline at the s
 of every variant shares init and data order, llmtrain/sweep.py): the mean of the per-seed differences of the final
 val loss, its standard error, a 95% confidence interval from Student's t with n-1 degrees of freedom, and a verdict
 read from that interval: lower or higher when it excludes 0, else "no difference". Only seeds where both runs
-finished are paired; a diverged run is left out of the interval and named in the verdict. With a single pair, a
-measured seed noise (`--noise`) gives the interval instead, marked as weaker evidence (llmtrain/stats.py).
+finished are paired; a diverged or stalled run is left out of the interval and named in the verdict. A finished run
+is stalled when its final val loss is at or above the unigram entropy of its val split (read from the shards its
+config names): it learned nothing of the context. With a single pair, a measured seed noise (`--noise`) gives the
+interval instead, marked as weaker evidence (llmtrain/stats.py).
 
 Per variant, over every LR and seed: the LR sensitivity of Wortsman et al. 2023 §3.1 (with an LR grid),
 
@@ -30,6 +32,9 @@ from pathlib import Path
 from statistics import mean, stdev
 from typing import Any, Callable, Iterator, Optional
 
+import yaml
+
+from llmtrain.data.shards import ShardError, unigram_entropy
 from llmtrain.events import read_scalars, wall_clock
 from llmtrain.report import ATTN_MAX, OUTPUT_LOGIT_TAG, VAL_LOSS_TAG, _fmt, strict_json, summarize_run
 from llmtrain.stats import LEVEL, Difference, decimals_for, plus_minus
@@ -43,7 +48,7 @@ class RunRecord:
     variant: str
     lr: Optional[float]
     seed: int
-    status: str  # finished | diverged | failed | pending
+    status: str  # finished | stalled | diverged | failed | pending
     diverged_step: Optional[int] = None
     wall_s: float = math.nan
     params: int = 0
@@ -107,7 +112,44 @@ def load_sweep(sweep_dir: Path, curves: tuple[str, ...] = ()) -> tuple[dict[str,
         variants = list(dict.fromkeys(r.variant for r in records))
         manifest.update(name=sweep_dir.name, variants=variants, baseline=variants[0],
                         lrs=sorted({r.lr for r in records if r.lr is not None}), vocab_size=None)
+    manifest["unigram"] = mark_stalled(sweep_dir, records)
     return manifest, records
+
+
+STALLED = "stalled"
+CURVED = ("finished", STALLED)  # runs whose curves are drawn and whose loss counts as loss(lr): real, finite losses
+
+
+def mark_stalled(sweep_dir: Path, records: list[RunRecord]) -> dict[str, Optional[float]]:
+    """Finished runs whose final val loss is at or above the unigram entropy of their val split become "stalled":
+    no prediction that ignores the context scores below that entropy, so such a run learned nothing of it (e.g.
+    post-norm without warmup). Returns data_dir -> that entropy; None where the shards are not readable from here
+    (relative paths are taken from the working directory, as `llmtrain fit` took them), and those runs unchecked."""
+    levels: dict[str, Optional[float]] = {}
+    for record in records:
+        data_dir = _data_dir(sweep_dir / record.key) if record.status == "finished" else None
+        if data_dir is None:
+            continue
+        if data_dir not in levels:
+            try:
+                levels[data_dir] = unigram_entropy(data_dir)
+            except (ShardError, OSError, KeyError, ZeroDivisionError):
+                levels[data_dir] = None
+        level = levels[data_dir]
+        if level is not None and _final_loss(record) >= level:
+            record.status = STALLED
+    return levels
+
+
+def _data_dir(run_dir: Path) -> Optional[str]:
+    """The shards folder a run trained on, from the config.yaml its fit wrote (None: no such file or field)."""
+    try:
+        config = yaml.safe_load((run_dir / "config.yaml").read_text())
+    except (OSError, yaml.YAMLError):
+        return None
+    data = config.get("data") if isinstance(config, dict) else None
+    data_dir = data.get("data_dir") if isinstance(data, dict) else None
+    return str(data_dir) if data_dir else None
 
 
 # ---------------------------------------------------------------------------------------------- statistics
@@ -157,7 +199,8 @@ class Comparison:
     difference: Difference
     seeds: list[int]  # the pairs in the interval: both runs finished with a final val loss
     diverged: dict[str, list[int]]  # "variant" / "baseline" -> seeds whose run diverged
-    total: int  # seeds where both sides have a result (finished or diverged)
+    total: int  # seeds where both sides have a result (finished, stalled or diverged)
+    stalled: dict[str, list[int]] = field(default_factory=lambda: {"variant": [], "baseline": []})
 
     @property
     def verdict(self) -> str:
@@ -173,14 +216,19 @@ class Comparison:
         return text + (f"; left out: {left_out}" if left_out else "")
 
     def _left_out(self) -> str:
-        return ", ".join(f"seed {s} ({side} diverged)" for side in ("variant", "baseline")
-                         for s in self.diverged[side])
+        return ", ".join(f"seed {s} ({side} {what})" for what, sides in (("diverged", self.diverged),
+                                                                           ("stalled", self.stalled))
+                         for side in ("variant", "baseline") for s in sides[side])
 
     def _divergence_only(self) -> str:
-        variant, baseline = len(self.diverged["variant"]), len(self.diverged["baseline"])
-        if not variant and not baseline:
+        counts = [len(sides[side]) for sides in (self.diverged, self.stalled) for side in ("variant", "baseline")]
+        if not any(counts):
             return "-"
-        return f"no paired loss: diverged {variant}/{self.total} seeds, baseline {baseline}/{self.total}"
+        n = self.total
+        if not counts[2] and not counts[3]:
+            return f"no paired loss: diverged {counts[0]}/{n} seeds, baseline {counts[1]}/{n}"
+        return (f"no paired loss: variant diverged {counts[0]}/{n}, stalled {counts[2]}/{n} seeds; baseline "
+                f"diverged {counts[1]}/{n}, stalled {counts[3]}/{n}")
 
     @property
     def delta(self) -> str:
@@ -204,26 +252,28 @@ class Comparison:
     def as_dict(self) -> dict[str, Any]:
         d = self.difference
         return {"basis": d.basis, "seeds": self.seeds, "mean": d.mean, "se": d.se, "df": d.df,
-                "interval": list(d.interval), "level": LEVEL, "verdict": self.verdict, "diverged": self.diverged}
+                "interval": list(d.interval), "level": LEVEL, "verdict": self.verdict, "diverged": self.diverged,
+                "stalled": self.stalled}
 
 
 def compare(variant_runs: list[RunRecord], base_runs: list[RunRecord], noise: Optional[Spread] = None) -> Comparison:
     """The paired comparison of one variant with the baseline at one LR. Seeds pair up where both runs finished
-    with a final val loss; a seed where either side diverged is left out of the interval and counted; a failed or
-    pending run pairs with nothing. One pair: the seed noise `noise` (≥ 2 seeds of one config) gives the interval."""
+    with a final val loss; a seed where either side diverged or stalled is left out of the interval and counted; a
+    failed or pending run pairs with nothing. One pair: the seed noise `noise` (≥ 2 seeds of one config) gives the
+    interval."""
     variant, base = {r.seed: r for r in variant_runs}, {r.seed: r for r in base_runs}
     shared = sorted(s for s in variant.keys() & base.keys()
-                    if {variant[s].status, base[s].status} <= {"finished", "diverged"})
+                    if {variant[s].status, base[s].status} <= {"finished", STALLED, "diverged"})
     pairs = [s for s in shared if variant[s].status == base[s].status == "finished"
              and math.isfinite(_final_loss(variant[s])) and math.isfinite(_final_loss(base[s]))]
-    diverged = {"variant": [s for s in shared if variant[s].status == "diverged"],
-                "baseline": [s for s in shared if base[s].status == "diverged"]}
+    diverged, stalled = ({"variant": [s for s in shared if variant[s].status == status],
+                          "baseline": [s for s in shared if base[s].status == status]} for status in ("diverged", STALLED))
     differences = [_final_loss(variant[s]) - _final_loss(base[s]) for s in pairs]
     if len(differences) == 1 and noise is not None and noise.n >= 2:
         difference = Difference.against_noise(differences[0], noise.std, noise.n)
     else:
         difference = Difference.paired(differences)
-    return Comparison(difference, pairs, diverged, len(shared))
+    return Comparison(difference, pairs, diverged, len(shared), stalled)
 
 
 def seed_noise(sweep_dir: Path) -> Spread:
@@ -247,13 +297,13 @@ def lr_sensitivity(losses: dict[float, list[float]], cap: float) -> float:
 
 
 def lr_losses(records: list[RunRecord], cap: float) -> dict[float, list[float]]:
-    """Final val loss per LR of one variant: finished runs as logged, diverged runs as `cap`; failed and pending
-    runs are not results and stay out."""
+    """Final val loss per LR of one variant: finished and stalled runs as logged, diverged runs as `cap`; failed and
+    pending runs are not results and stay out."""
     losses: dict[float, list[float]] = {}
     for r in records:
         if r.status == "diverged":
             losses.setdefault(r.lr, []).append(cap)
-        elif r.status == "finished":
+        elif r.status in CURVED:
             losses.setdefault(r.lr, []).append(r.summary.get("final_val_loss", math.nan))
     return losses
 
@@ -339,6 +389,8 @@ def stability(runs: list[RunRecord]) -> dict[str, Any]:
                      "runs_with_events": len(spikes)}
     out["diverged"] = [{"key": r.key, "lr": r.lr, "seed": r.seed, "step": r.diverged_step}
                        for r in runs if r.status == "diverged"]
+    out["stalled"] = [{"key": r.key, "lr": r.lr, "seed": r.seed, "final_val_loss": _final_loss(r)}
+                      for r in runs if r.status == STALLED]
     out["runs"] = len(runs)
     return out
 
@@ -356,7 +408,7 @@ def variant_table(manifest: dict[str, Any], records: list[RunRecord], cap: float
     """Per variant: LR sensitivity (with an LR grid) and stability over all its runs."""
     grid = len(manifest.get("lrs") or []) > 1
     lines = ["| variant | LR sensitivity (nats) | best LR | loss at best LR | LRs with results | max attn logit (LR) "
-             "| max output logit (LR) | spikes (runs with any) | diverged runs |", "|" + "---|" * 9]
+             "| max output logit (LR) | spikes (runs with any) | diverged runs | stalled runs |", "|" + "---|" * 10]
     for variant in manifest["variants"]:
         runs = [r for r in records if r.variant == variant]
         losses = lr_losses(runs, cap)
@@ -371,11 +423,23 @@ def variant_table(manifest: dict[str, Any], records: list[RunRecord], cap: float
         spikes = s["spikes"]
         diverged = ", ".join(f"lr {d['lr']:g} seed {d['seed']} at {d['step']}" if d["lr"] is not None
                              else f"seed {d['seed']} at {d['step']}" for d in s["diverged"])
+        stalled = ", ".join(f"lr {d['lr']:g} seed {d['seed']}" if d["lr"] is not None else f"seed {d['seed']}"
+                            for d in s["stalled"])
         lines.append(f"| {variant} | {' | '.join(sensitivity)} | {_logit(s['max_attn_logit'])} "
                      f"| {_logit(s['max_output_logit'])} | {spikes['events']} ({spikes['runs_with_any']}/"
                      f"{spikes['runs_with_events']}) | {len(s['diverged'])}/{len(runs)}"
-                     f"{' (' + diverged + ')' if diverged else ''} |")
+                     f"{' (' + diverged + ')' if diverged else ''} | {len(s['stalled'])}/{len(runs)}"
+                     f"{' (' + stalled + ')' if stalled else ''} |")
     return "\n".join(lines)
+
+
+def _unigram_line(levels: dict[str, Optional[float]]) -> str:
+    """The header line that says against what level runs were checked for stalling."""
+    if not levels:
+        return "- Stalled runs: not checked (no finished run names a shards folder in its config.yaml)"
+    return "- Unigram level (stalled at or above it): " + "; ".join(
+        f"{level:.3f} nats, the val split of `{data_dir}`" if level is not None
+        else f"not checked, `{data_dir}` is not readable from here" for data_dir, level in levels.items())
 
 
 def runs_table(records: list[RunRecord]) -> str:
@@ -392,10 +456,11 @@ def runs_table(records: list[RunRecord]) -> str:
 
 
 def best_lr(records: list[RunRecord], variant: str) -> Optional[float]:
-    """The LR with the lowest mean final val loss over the variant's finished runs (None: no LR grid)."""
+    """The LR with the lowest mean final val loss over the variant's finished and stalled runs (None: no LR
+    grid)."""
     by_lr: dict[Optional[float], list[float]] = {}
     for r in records:
-        if r.variant == variant and r.status == "finished":
+        if r.variant == variant and r.status in CURVED:
             by_lr.setdefault(r.lr, []).append(r.summary.get("final_val_loss", math.nan))
     scored = {lr: Spread.of(v).mean for lr, v in by_lr.items()}
     scored = {lr: v for lr, v in scored.items() if math.isfinite(v)}
@@ -490,7 +555,7 @@ def plot_sweep(manifest: dict[str, Any], records: list[RunRecord], out: Path, ca
         drawn = False
         for i, variant in enumerate(manifest["variants"]):
             lr = best_lr(records, variant)
-            runs = [r for r in records if r.variant == variant and r.lr == lr and r.status == "finished"]
+            runs = [r for r in records if r.variant == variant and r.lr == lr and r.status in CURVED]
             runs = [r for r in runs if r.val_loss and x_of(r)]
             steps = sorted(set.intersection(*(set(r.val_loss) & set(x_of(r)) for r in runs))) if runs else []
             if not steps:
@@ -535,9 +600,10 @@ def plot_sweep(manifest: dict[str, Any], records: list[RunRecord], out: Path, ca
 
 def curve_runs(records: list[RunRecord], variant: str, tag: str
                ) -> tuple[Optional[float], list[RunRecord], list[int]]:
-    """(the variant's best LR, its finished runs there that logged `tag`, the steps every one of them logged)."""
+    """(the variant's best LR, its finished and stalled runs there that logged `tag`, the steps every one of them
+    logged)."""
     lr = best_lr(records, variant)
-    runs = [r for r in records if r.variant == variant and r.lr == lr and r.status == "finished" and r.curves.get(tag)]
+    runs = [r for r in records if r.variant == variant and r.lr == lr and r.status in CURVED and r.curves.get(tag)]
     steps = sorted(set.intersection(*(set(r.curves[tag]) for r in runs))) if runs else []
     return lr, runs, steps
 
@@ -599,7 +665,8 @@ def summary_data(manifest: dict[str, Any], records: list[RunRecord], noise: Opti
                       "final_val_loss": {"mean": loss.mean, "std": loss.std, "n": loss.n},
                       "vs_baseline": comparison.as_dict() if comparison else None,
                       "diverged": [{"seed": r.seed, "step": r.diverged_step} for r in runs
-                                   if r.status == "diverged"]})
+                                   if r.status == "diverged"],
+                      "stalled": [r.seed for r in runs if r.status == STALLED]})
     variants = []
     for variant in manifest["variants"]:
         runs = [r for r in records if r.variant == variant]
@@ -646,7 +713,8 @@ def write_sweep_report(sweep_dir: Path, out: Path, noise_dir: Optional[Path] = N
              f"- Seeds: {seeds} (seed s of every variant shares init and data order); "
              f"baseline: `{manifest['baseline']}`",
              f"- Runs: {len(records)}; " + ", ".join(f"{sum(r.status == s for r in records)} {s}"
-                                                    for s in ("finished", "diverged", "failed", "pending")), ""]
+                                                    for s in ("finished", STALLED, "diverged", "failed", "pending")),
+             _unigram_line(manifest["unigram"]), ""]
     if noise is not None:
         text += [f"- Seed noise: final val loss {noise} over {noise.n} seeds of one config (`{noise_dir}`); where a "
                  "comparison has a single paired seed, its interval is the difference ± t(n_noise − 1) · σ·√2 "
@@ -660,13 +728,16 @@ def write_sweep_report(sweep_dir: Path, out: Path, noise_dir: Optional[Path] = N
              "LR, this run's final val loss minus the baseline's; the cell is the mean ± standard error of those "
              "differences (sample std / √n). 95% CI: mean ± t(0.975, n − 1) · se. Verdict: \"lower\" or "
              "\"higher\" "
-             "when the interval excludes 0, else \"no difference\" (at 95%); a seed where either run diverged is "
-             "left out of the interval and named; with one paired seed there is no interval unless `--noise` gives "
+             "when the interval excludes 0, else \"no difference\" (at 95%); a seed where either run diverged or "
+             "stalled is left out of the interval and named; with one paired seed there is no interval unless `--noise` gives "
              "the seed noise (weaker evidence, said in the cell). Tokens/s, memory and wall time: mean ± std over "
              "the finished runs; logit maxima and spikes over every run with events. N: non-embedding parameters "
              "(no token/position embedding, no LM head). A run diverged when SpikeDetector stopped it, or its "
              "training loss ends NaN/inf or more than 1 nat above its lowest value (the step is where it left that "
-             "range for good). \"-\": not logged (peak GPU memory only on CUDA).", ""]
+             "range for good); it stalled when it finished with a final val loss at or above the unigram entropy of "
+             "its val split (it learned nothing of the context). Final val loss, tokens/s, memory, wall time: over "
+             "the finished runs, stalled ones not included (runs ok counts them out). \"-\": not logged (peak GPU "
+             "memory only on CUDA).", ""]
     text += ["## Per variant: LR sensitivity and stability", "", variant_table(manifest, records, cap), ""]
     if len(manifest.get("lrs") or []) > 1:
         text += ["LR sensitivity (Wortsman et al. 2023 §3.1) = mean over the LR grid of "
@@ -675,7 +746,8 @@ def write_sweep_report(sweep_dir: Path, out: Path, noise_dir: Optional[Path] = N
                  "or pending runs are left out (the column of LRs says how much of the grid has results).", ""]
     text += ["Stability over every run of the variant (all LRs and seeds): the largest attention logit "
              "(stability/attn_logit_max) and output logit (stability/logits/max_abs) and the LR of the run that "
-             "reached it, spike events (stability/spike/events) and the runs with any, diverged runs.", ""]
+             "reached it, spike events (stability/spike/events) and the runs with any, diverged and stalled runs.",
+             ""]
     plots = plot_sweep(manifest, records, out, cap)
     beside = [name for name in ("val_loss_vs_tokens", "val_loss_diff_vs_tokens") if name in plots]
     if beside:  # the raw curves and their differences side by side: at this scale the raw curves overlap
@@ -689,7 +761,7 @@ def write_sweep_report(sweep_dir: Path, out: Path, noise_dir: Optional[Path] = N
             text += [f"No finished run logged `{tag}`."]
             continue
         text += [curve_table(manifest, records, tag), "",
-                 "Each variant at its best LR, over the seeds that finished: mean ± std of the value at the first and "
+                 "Each variant at its best LR, over the seeds that finished or stalled: mean ± std of the value at the first and "
                  "the last step every seed logged, and of each run's last / first."]
         if plot_curve(manifest, records, tag, out / curve_file(tag)):
             text += ["", f"![{tag}]({curve_file(tag)})"]

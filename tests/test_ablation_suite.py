@@ -115,7 +115,7 @@ def test_runs_with_the_same_settings_train_once_and_later_calls_reuse_them(prepa
     assert len(re.findall(r"started \+", log)) == 3  # rmsnorm, layernorm, bias: 3 of the 4 runs trained
     copied = json.loads((first / "work" / "sweeps" / "bias" / "no_bias" / "seed1" / "result.json").read_text())
     assert copied["variant"] == "no_bias" and copied["key"] == "no_bias/seed1" and copied["copied_from"]
-    assert "| no_bias | base | 1/1 |" in (first / "out" / "summary.md").read_text()
+    assert has_result((first / "out" / "summary.md").read_text(), "no_bias/seed1")
 
     with tarfile.open(first / "out" / "runs_a.tar.gz") as tar:
         tar.extractall(tmp_path / "unpacked")
@@ -126,7 +126,13 @@ def test_runs_with_the_same_settings_train_once_and_later_calls_reuse_them(prepa
     assert "reused from earlier calls: 3 of 5 runs" in log  # both bias runs and weight_decay's wd0.1 (the base)
     assert len(re.findall(r"started \+", log)) == 2  # wd0 and wd0.3 trained
     summary = (second / "out" / "summary.md").read_text()
-    assert "| bias | base | 1/1 |" in summary and "| wd0.3 | base | 1/1 |" in summary
+    assert has_result(summary, "bias/seed1") and has_result(summary, "wd0.3/seed1")
+
+
+def has_result(summary: str, key: str) -> bool:
+    """The run is in a topic's run list with a final loss (a toy run of a few steps may be "stalled": it ends at
+    the unigram level of its data, having learned nothing of the context; that is still a result)."""
+    return re.search(rf"\| `{re.escape(key)}` \| (finished|stalled) \| \d", summary) is not None
 
 
 @pytest.mark.slow
@@ -156,7 +162,7 @@ def test_tiny_suite_runs_two_at_once_and_packs_the_reports(prepared_corpus, tmp_
 
     summary = (out / "summary.md").read_text()
     assert "# Topic: weight_decay" in summary
-    assert "| wd0.1 | base | 1/1 |" in summary and "| wd0 | base | 1/1 |" in summary
+    assert has_result(summary, "wd0.1/seed1") and has_result(summary, "wd0/seed1")
     assert "](weight_decay/val_loss_vs_tokens.png)" in summary
     assert "sharing one GPU" in summary  # concurrent tokens/s are flagged as not comparable
     with tarfile.open(out / "ablations_call1.tar.gz") as tar:

@@ -12,6 +12,7 @@ from typing import Optional
 import pytest
 from torch.utils.tensorboard import SummaryWriter
 
+from llmtrain.data.shards import unigram_entropy
 from llmtrain.report import strict_json
 from llmtrain.stats import Difference, plus_minus, t_cdf, t_quantile
 from llmtrain.sweep_report import difference_curve, load_sweep, write_sweep_report
@@ -55,9 +56,11 @@ def test_paired_differences_intervals_and_formatting():
 
 
 def plant_run(sweep: Path, variant: str, seed: int, val: list[float], lr: Optional[float] = None,
-              status: str = "finished", attn: float = 5.0, spikes: tuple[int, ...] = ()) -> dict:
+              status: str = "finished", attn: float = 5.0, spikes: tuple[int, ...] = (),
+              data_dir: Optional[Path] = None) -> dict:
     """One run as `llmtrain sweep` leaves it: events (train and val loss, tokens, an attention and output logit,
-    spike events) in SWEEP/<variant>[/lr<lr>]/seed<s>/ and its result.json; returns its sweep.json entry."""
+    spike events) in SWEEP/<variant>[/lr<lr>]/seed<s>/ and its result.json, with `data_dir` a config.yaml naming
+    those shards; returns its sweep.json entry."""
     key = f"{variant}{f'/lr{lr:g}' if lr is not None else ''}/seed{seed}"
     folder = sweep / key
     writer = SummaryWriter(str(folder))
@@ -71,6 +74,8 @@ def plant_run(sweep: Path, variant: str, seed: int, val: list[float], lr: Option
     for step in spikes:
         writer.add_scalar("stability/spike/events", 1.0, step)
     writer.close()
+    if data_dir is not None:
+        (folder / "config.yaml").write_text(f"data:\n  data_dir: {data_dir}\n")
     (folder / "result.json").write_text(json.dumps({
         "status": status, "diverged_step": 20 if status == "diverged" else None, "wall_s": 30.0, "key": key}))
     return {"key": key, "variant": variant, "lr": lr, "seed": seed, "params": 5000,
@@ -179,6 +184,41 @@ def test_diverged_runs_are_left_out_and_named_stability_is_per_variant_and_json_
     diverged = next(r for r in data["runs"] if r["key"] == "qk/lr0.01/seed3")
     assert diverged["summary"]["final_val_loss"] is None  # NaN written as null
     assert json.loads(strict_json({"a": [math.inf, -math.inf, 1.5]})) == {"a": [None, None, 1.5]}
+
+
+def test_a_run_at_the_unigram_level_is_stalled_left_out_of_the_pairs_and_named(tmp_path, prepared_corpus):
+    # Post-norm without warmup as it ran on the GPU: it stays at the loss of token frequencies for the whole run.
+    shards = prepared_corpus["shards"]
+    level = unigram_entropy(shards)
+    sweep = tmp_path / "sweep"
+    runs = []
+    for seed, effect in SEED_EFFECT.items():
+        base = [5.0, 3.0 + effect, 2.5 + effect]
+        runs.append(plant_run(sweep, "pre", seed, base, data_dir=shards))
+        stuck = [level + 0.3, level + 0.2, level + 0.15]
+        runs.append(plant_run(sweep, "post", seed, stuck if seed == 3 else [v - 0.07 for v in base], data_dir=shards))
+    write_manifest(sweep, runs, ["pre", "post"], [1, 2, 3])
+
+    text = write_sweep_report(sweep, tmp_path / "report").read_text()
+    assert f"- Unigram level (stalled at or above it): {level:.3f} nats, the val split of `{shards}`" in text
+    assert "- Runs: 6; 5 finished, 1 stalled, 0 diverged" in text
+    row = table_rows(text)[("post", "base")]
+    assert row["verdict"] == "lower; left out: seed 3 (variant stalled)" and row["runs ok"] == "2/3"
+    assert row["Δ vs baseline (paired)"] == "-0.070 ± 0.000 (2 seeds)"
+    post = next(r for (variant, _), r in table_rows(text, "| variant | LR sensitivity").items() if variant == "post")
+    assert post["stalled runs"] == "1/3 (seed 3)" and post["diverged runs"] == "0/3"
+    assert "| `post/seed3` | stalled |" in text
+    data = json.loads((tmp_path / "report" / "summary.json").read_text())
+    assert next(c for c in data["cells"] if c["variant"] == "post")["vs_baseline"]["stalled"] == \
+        {"variant": [3], "baseline": []}
+
+    # Without the shards (another machine): nothing is marked, and the header says why.
+    moved = tmp_path / "elsewhere"
+    for config in sweep.glob("*/seed*/config.yaml"):
+        config.write_text(f"data:\n  data_dir: {moved}\n")
+    text = write_sweep_report(sweep, tmp_path / "report2").read_text()
+    assert f"- Unigram level (stalled at or above it): not checked, `{moved}` is not readable from here" in text
+    assert table_rows(text)[("post", "base")]["verdict"] == "no difference"  # the stalled seed's +4 nats inside
 
 
 def test_curves_named_by_the_spec_or_the_command_are_tabled_and_plotted(tmp_path):

@@ -255,6 +255,18 @@ def open_split(data_dir: str | os.PathLike[str], meta: dict[str, Any], split: st
     return shards
 
 
+def unigram_entropy(data_dir: str | os.PathLike[str], split: str = "val", chunk: int = 1 << 24) -> float:
+    """Entropy (nats per token) of a split's token frequencies: the lowest cross-entropy on that split of any
+    prediction that ignores the context, so a model scoring at or above it has learned nothing of the context."""
+    meta = read_metadata(data_dir)
+    counts = np.zeros(int(meta["settings"]["vocab_size"]), dtype=np.int64)
+    for shard in open_split(data_dir, meta, split):
+        for start in range(0, shard.n_tokens, chunk):  # bincount widens to int64: bound its memory
+            counts += np.bincount(shard.tokens[start:start + chunk], minlength=len(counts))
+    p = counts[counts > 0] / counts.sum()
+    return float(-(p * np.log(p)).sum())
+
+
 def verify_record(data_dir: Path, record: dict[str, Any], dtype: np.dtype) -> Optional[str]:
     """Full check of one shard (sizes, index, sha256 of both files); returns the problem, or None."""
     try:

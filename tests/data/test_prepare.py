@@ -14,7 +14,7 @@ import pytest
 
 from llmtrain.data import shards as shards_mod
 from llmtrain.data.commands import prepare_main
-from llmtrain.data.shards import PrepareError, ShardError, prepare, read_metadata, verify_shards
+from llmtrain.data.shards import PrepareError, ShardError, prepare, read_metadata, unigram_entropy, verify_shards
 from llmtrain.data.sources import is_validation_document, parse_source
 from llmtrain.data.tokenizer import load_tokenizer, train_tokenizer
 
@@ -161,3 +161,17 @@ def test_cli_reports_bad_input_in_one_line(tmp_path: Path, tokenizer_dir: Path, 
     err = capsys.readouterr().err
     assert "a.jsonl: no field 'text'" in err
     assert not [p for p in (tmp_path / "out").iterdir() if p.suffix in (".bin", ".idx", ".tmp")]
+
+
+def test_unigram_entropy_is_the_entropy_of_the_splits_token_counts(shards_dir: Path) -> None:
+    from collections import Counter
+    from math import log
+
+    for split in ("val", "train"):
+        counts = Counter(int(t) for doc in read_split(shards_dir, split) for t in doc)
+        total = sum(counts.values())
+        expected = -sum(c / total * log(c / total) for c in counts.values())
+        assert unigram_entropy(shards_dir, split) == pytest.approx(expected, rel=1e-9)
+        assert unigram_entropy(shards_dir, split, chunk=7) == pytest.approx(expected, rel=1e-9)  # across chunks
+    assert len(read_metadata(shards_dir)["splits"]["train"]["shards"]) > 1  # and across shards
+
