@@ -267,7 +267,8 @@ def compare(variant_runs: list[RunRecord], base_runs: list[RunRecord], noise: Op
     pairs = [s for s in shared if variant[s].status == base[s].status == "finished"
              and math.isfinite(_final_loss(variant[s])) and math.isfinite(_final_loss(base[s]))]
     diverged, stalled = ({"variant": [s for s in shared if variant[s].status == status],
-                          "baseline": [s for s in shared if base[s].status == status]} for status in ("diverged", STALLED))
+                          "baseline": [s for s in shared if base[s].status == status]}
+                         for status in ("diverged", STALLED))
     differences = [_final_loss(variant[s]) - _final_loss(base[s]) for s in pairs]
     if len(differences) == 1 and noise is not None and noise.n >= 2:
         difference = Difference.against_noise(differences[0], noise.std, noise.n)
@@ -723,21 +724,19 @@ def write_sweep_report(sweep_dir: Path, out: Path, noise_dir: Optional[Path] = N
         text += [f"**Fewer than 3 seeds ({len(seeds)})**: the spread of each cell is not measured well; with 2 "
                  "paired seeds the 95% interval uses t(1) = 12.7 and only large, consistent differences show.", ""]
     text += ["## Results per variant and learning rate", "", sweep_table(manifest, records, compared), "",
-             "Final val loss and bpb: mean ± sample std over the seeds that finished, to the decimals that show the "
-             "std. Δ vs baseline (paired): for every seed where both this variant and the baseline finished at this "
-             "LR, this run's final val loss minus the baseline's; the cell is the mean ± standard error of those "
-             "differences (sample std / √n). 95% CI: mean ± t(0.975, n − 1) · se. Verdict: \"lower\" or "
-             "\"higher\" "
-             "when the interval excludes 0, else \"no difference\" (at 95%); a seed where either run diverged or "
-             "stalled is left out of the interval and named; with one paired seed there is no interval unless `--noise` gives "
-             "the seed noise (weaker evidence, said in the cell). Tokens/s, memory and wall time: mean ± std over "
-             "the finished runs; logit maxima and spikes over every run with events. N: non-embedding parameters "
-             "(no token/position embedding, no LM head). A run diverged when SpikeDetector stopped it, or its "
-             "training loss ends NaN/inf or more than 1 nat above its lowest value (the step is where it left that "
-             "range for good); it stalled when it finished with a final val loss at or above the unigram entropy of "
-             "its val split (it learned nothing of the context). Final val loss, tokens/s, memory, wall time: over "
-             "the finished runs, stalled ones not included (runs ok counts them out). \"-\": not logged (peak GPU "
-             "memory only on CUDA).", ""]
+             "Final val loss and bpb: mean ± sample std over the seeds that finished (stalled runs not included), to "
+             "the decimals that show the std. Δ vs baseline (paired): for every seed where both this variant and the "
+             "baseline finished at this LR, this run's final val loss minus the baseline's; the cell is the mean ± "
+             "standard error of those differences (sample std / √n). 95% CI: mean ± t(0.975, n − 1) · se. Verdict: "
+             "\"lower\" or \"higher\" when the interval excludes 0, else \"no difference\" (at 95%); a seed where "
+             "either run diverged or stalled is left out of the interval and named; with one paired seed there is no "
+             "interval unless `--noise` gives the seed noise (weaker evidence, said in the cell). Tokens/s, memory "
+             "and wall time: mean ± std over the finished runs; logit maxima and spikes over every run with events. "
+             "N: non-embedding parameters (no token/position embedding, no LM head). A run diverged when "
+             "SpikeDetector stopped it, or its training loss ends NaN/inf or more than 1 nat above its lowest value "
+             "(the step is where it left that range for good); it stalled when it finished with a final val loss at "
+             "or above the unigram entropy of its val split (it learned nothing of the context). \"-\": not logged "
+             "(peak GPU memory only on CUDA).", ""]
     text += ["## Per variant: LR sensitivity and stability", "", variant_table(manifest, records, cap), ""]
     if len(manifest.get("lrs") or []) > 1:
         text += ["LR sensitivity (Wortsman et al. 2023 §3.1) = mean over the LR grid of "
@@ -761,8 +760,8 @@ def write_sweep_report(sweep_dir: Path, out: Path, noise_dir: Optional[Path] = N
             text += [f"No finished run logged `{tag}`."]
             continue
         text += [curve_table(manifest, records, tag), "",
-                 "Each variant at its best LR, over the seeds that finished or stalled: mean ± std of the value at the first and "
-                 "the last step every seed logged, and of each run's last / first."]
+                 "Each variant at its best LR, over the seeds that finished or stalled: mean ± std of the value at the "
+                 "first and the last step every seed logged, and of each run's last / first."]
         if plot_curve(manifest, records, tag, out / curve_file(tag)):
             text += ["", f"![{tag}]({curve_file(tag)})"]
     text += ["", "## Runs", "", runs_table(records), ""]
