@@ -300,6 +300,7 @@ def plan_markdown(topics: list[Topic], scale: Scale, args: argparse.Namespace, m
         f"- Runs: {n_runs} ({len(topics)} topics), {distinct} distinct (runs with the same settings in several "
         f"topics train once), {args.parallel} at a time; {distinct * scale.tokens / 1e9:.2f}B tokens to train",
         f"- Estimate (assumed {args.assumed_tokens_per_s / 1e6:.2f}M tokens/s over all concurrent runs, "
+        f"{args.assumed_tokens_per_s * first.flops_per_token / 1e12:.0f} TFLOP/s of model FLOPs, "
         f"{args.assumed_overhead_s:.0f} s start-up per run; runs reused from earlier calls not counted): "
         f"{per_run:.0f} s per run, {total / 60:.1f} min in all; time budget {args.time_budget_s:.0f} s (runs that "
         f"would not end by then are not started)",
@@ -687,9 +688,12 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     parser.add_argument("--time_budget_s", type=float, default=450.0,
                         help="no run starts that would end later; runs still going then are stopped (default 450: "
                              "with start-up, reports and packing a call stays under 10 minutes)")
-    parser.add_argument("--assumed_tokens_per_s", type=float, default=2.0e6,
-                        help="for the estimate until runs have ended: training tokens/s of the GPU over all "
-                             "concurrent runs (default 2M)")
+    parser.add_argument("--assumed_tflops", type=float, default=185.0,
+                        help="for the estimate until runs have ended: model TFLOP/s of the GPU over all concurrent "
+                             "runs, turned into tokens/s by the model's FLOPs per token, so that it carries over to "
+                             "another scale (default 185: 12 runs of the shipped base on one H200, 3.7M tokens/s)")
+    parser.add_argument("--assumed_tokens_per_s", type=float, default=None,
+                        help="the same as training tokens/s over all concurrent runs (overrides --assumed_tflops)")
     parser.add_argument("--assumed_overhead_s", type=float, default=40.0,
                         help="for the estimate: start-up, compile, validation and teardown per run (default 40 s)")
     parser.add_argument("--tiny", action="store_true", help="CPU smoke mode: toy size, fp32, no compile, 6 steps")
@@ -740,6 +744,8 @@ def main(argv: Optional[list[str]] = None) -> int:
                           + yaml.safe_dump(scale.config(), sort_keys=False))
     topics = [derive_spec(name, scale, args.seeds, scale_path, args.work, tuple(args.variants), tuple(args.lrs))
               for name in args.topics]
+    if args.assumed_tokens_per_s is None:
+        args.assumed_tokens_per_s = args.assumed_tflops * 1e12 / topics[0].runs[0].flops_per_token
     plan = plan_markdown(topics, scale, args, meta)
     (args.out / "plan.md").write_text(plan)
     with open(args.out / "suite.log", "a") as log:

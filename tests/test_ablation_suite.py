@@ -14,6 +14,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from llmtrain.model.config import ModelConfig
+
 REPO = Path(__file__).resolve().parents[1]
 SUITE = REPO / "benchmarks" / "ablation_suite.py"
 
@@ -51,6 +53,11 @@ def test_derived_specs_scale_warmup_and_d_ff_and_keep_the_grid(prepared_corpus, 
     assert "Runs: 30 (3 topics), 28 distinct" in plan
     assert not (work / "sweeps").exists()  # a dry run runs nothing
     assert "Estimate" in result.stdout
+    # The assumed rate is model FLOP/s, turned into tokens/s by the base's FLOPs per token (another scale, another
+    # tokens/s); the base here (d 128, 2 layers, d_ff 336, vocab 320, sequence 64): 2.78 MFLOP per token.
+    flops = ModelConfig(vocab_size=320, max_seq_len=64, d_model=128, n_layer=2, n_head=2, d_ff=336).flops_per_token(64)
+    rate = re.search(r"assumed ([\d.]+)M tokens/s over all concurrent runs, 185 TFLOP/s of model FLOPs", plan)
+    assert rate and float(rate.group(1)) == pytest.approx(185e12 / flops / 1e6, abs=0.006)
 
 
 def test_variants_and_lrs_select_part_of_a_topic_and_keep_its_baseline(prepared_corpus, tmp_path):
