@@ -440,7 +440,7 @@ def _unigram_line(levels: dict[str, Optional[float]]) -> str:
         return "- Stalled runs: not checked (no finished run names a shards folder in its config.yaml)"
     return "- Unigram level (stalled at or above it): " + "; ".join(
         f"{level:.3f} nats, the val split of `{data_dir}`" if level is not None
-        else f"not checked, `{data_dir}` is not readable from here" for data_dir, level in levels.items())
+        else f"not checked, no val split readable at `{data_dir}` from here" for data_dir, level in levels.items())
 
 
 def runs_table(records: list[RunRecord]) -> str:

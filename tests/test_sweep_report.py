@@ -217,7 +217,7 @@ def test_a_run_at_the_unigram_level_is_stalled_left_out_of_the_pairs_and_named(t
     for config in sweep.glob("*/seed*/config.yaml"):
         config.write_text(f"data:\n  data_dir: {moved}\n")
     text = write_sweep_report(sweep, tmp_path / "report2").read_text()
-    assert f"- Unigram level (stalled at or above it): not checked, `{moved}` is not readable from here" in text
+    assert f"(stalled at or above it): not checked, no val split readable at `{moved}` from here" in text
     assert table_rows(text)[("post", "base")]["verdict"] == "no difference"  # the stalled seed's +4 nats inside
 
 
