@@ -191,10 +191,11 @@ def scale_overrides(overrides: dict[str, Any], scale: Scale, where: str, changes
     return out
 
 
-def select(spec: dict[str, Any], topic: str, variants: list[str], lrs: list[float]) -> dict[str, Any]:
+def select(spec: dict[str, Any], topic: str, variants: list[str],
+           lrs: list[tuple[Optional[str], float]]) -> dict[str, Any]:
     """The spec restricted to the variants named `TOPIC:VARIANT` in `variants` (its baseline always kept; a topic
-    none of them names keeps all) and to the LRs of its grid that are in `lrs` (a topic without an LR grid keeps
-    the base's)."""
+    none of them names keeps all) and to the LRs of its grid in `lrs`: (None, lr) for every topic, (topic, lr) for
+    that one (a topic without an LR grid keeps the base's; one that no item concerns keeps its grid)."""
     wanted = [item.split(":", 1)[1] for item in variants if item.split(":", 1)[0] == topic]
     if wanted:
         named = spec["variants"] if "variants" in spec else expand_grid(spec.pop("grid"))
@@ -205,17 +206,18 @@ def select(spec: dict[str, Any], topic: str, variants: list[str], lrs: list[floa
                              f"{', '.join(named)}")
         spec["variants"] = {v: o for v, o in named.items() if v == baseline or v in wanted}
         spec["baseline"] = baseline
-    if lrs and spec.get("lrs"):
-        kept = [lr for lr in spec["lrs"] if any(math.isclose(float(lr), x, rel_tol=1e-6) for x in lrs)]
+    mine = [x for named, x in lrs if named in (None, topic)]
+    if mine and spec.get("lrs"):
+        kept = [lr for lr in spec["lrs"] if any(math.isclose(float(lr), x, rel_tol=1e-6) for x in mine)]
         if not kept:
-            raise SystemExit(f"error: --lrs {' '.join(f'{x:g}' for x in lrs)}: none of {topic}'s LRs "
+            raise SystemExit(f"error: --lrs {' '.join(f'{x:g}' for x in mine)}: none of {topic}'s LRs "
                              f"({', '.join(f'{float(lr):g}' for lr in spec['lrs'])})")
         spec["lrs"] = kept
     return spec
 
 
 def derive_spec(name: str, scale: Scale, n_seeds: int, scale_path: Path, work: Path,
-                variants: tuple[str, ...] = (), lrs: tuple[float, ...] = ()) -> Topic:
+                variants: tuple[str, ...] = (), lrs: tuple[tuple[Optional[str], float], ...] = ()) -> Topic:
     shipped_path = ABLATIONS / f"{name}.yaml"
     shipped = yaml.safe_load(shipped_path.read_text())
     spec = dict(shipped)
@@ -665,8 +667,9 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     parser.add_argument("--variants", nargs="+", default=[], metavar="TOPIC:VARIANT",
                         help="run only these variants of their topics (each topic's baseline is kept; topics not "
                              "named keep all), e.g. qk_norm:qk_norm 'norm_position:norm_position=post,warmup_steps=75'")
-    parser.add_argument("--lrs", type=float, nargs="+", default=[],
-                        help="run only these LRs of the topics that have an LR grid")
+    parser.add_argument("--lrs", nargs="+", default=[], metavar="[TOPIC:]LR",
+                        help="run only these LRs of the topics that have an LR grid; TOPIC:LR for one topic (a topic "
+                             "no item names keeps its grid), e.g. qk_norm:3e-2 norm_position:3e-3")
     parser.add_argument("--steps", type=int, default=None,
                         help="training steps per run (default: the base's; --tiny 6)")
     parser.add_argument("--micro_batch_size", type=int, default=None,
@@ -722,11 +725,26 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     for item in args.variants:
         if ":" not in item or item.split(":", 1)[0] not in args.topics:
             parser.error(f"--variants {item!r}: give TOPIC:VARIANT with a topic of --topics ({', '.join(args.topics)})")
+    args.lrs = [parse_lr(item, args.topics, parser) for item in args.lrs]
     args.name = args.name or next((g for g, t in GROUPS.items() if list(t) == args.topics), "custom")
     if args.work is None:
         args.work = REPO / "runs" / "ablation_suite" / args.name
     args.out, args.work = args.out.resolve(), args.work.resolve()
     return args
+
+
+def parse_lr(item: str, topics: list[str], parser: argparse.ArgumentParser) -> tuple[Optional[str], float]:
+    """An --lrs item: 'LR' for every topic or 'TOPIC:LR' for one, as (topic or None, lr)."""
+    topic, _, value = item.rpartition(":")
+    if topic and topic not in topics:
+        parser.error(f"--lrs {item!r}: {topic!r} is not a topic of --topics ({', '.join(topics)})")
+    try:
+        lr = float(value)
+    except ValueError:
+        lr = math.nan
+    if not 0 < lr < math.inf:
+        parser.error(f"--lrs {item!r}: give a positive learning rate, or TOPIC:LR (e.g. qk_norm:3e-2)")
+    return topic or None, lr
 
 
 def main(argv: Optional[list[str]] = None) -> int:

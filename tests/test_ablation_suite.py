@@ -75,6 +75,14 @@ def test_variants_and_lrs_select_part_of_a_topic_and_keep_its_baseline(prepared_
     plan = (out / "plan.md").read_text()
     assert "| norm_position | 2 | 0.03 | [1, 2, 3] -> [1, 2] | 24 -> 4 |" in plan
 
+    # LRs per topic: QK-norm at the high LR, post-norm at the base LR, z_loss (named by no item) keeps its grid.
+    suite("--dry_run", "--tiny", "--seeds", "1", "--topics", "norm_position", "qk_norm", "z_loss",
+          "--lrs", "qk_norm:3e-2", "norm_position:3e-3",
+          "--data_dir", str(prepared_corpus["shards"]), "--out", str(out), "--work", str(work))
+    lrs = {t: yaml.safe_load((work / "specs" / f"{t}.yaml").read_text())["lrs"]
+           for t in ("norm_position", "qk_norm", "z_loss")}
+    assert lrs == {"norm_position": [0.003], "qk_norm": [0.03], "z_loss": [0.003, 0.03]}
+
 
 def test_shipped_base_is_what_its_header_says():
     """The base's comment states its size and token budget; the numbers are the config's."""
@@ -106,6 +114,8 @@ def test_bad_arguments_are_named(prepared_corpus, tmp_path):
     assert "TOPIC:VARIANT" in fails("--data_dir", shards, "--topics", "bias", "--variants", "qk_norm:qk_norm")
     assert "not a variant of bias" in fails("--data_dir", shards, "--topics", "bias", "--variants", "bias:nope")
     assert "none of qk_norm's LRs" in fails("--data_dir", shards, "--topics", "qk_norm", "--lrs", "1e-4")
+    assert "'bias' is not a topic" in fails("--data_dir", shards, "--topics", "qk_norm", "--lrs", "bias:3e-3")
+    assert "positive learning rate" in fails("--data_dir", shards, "--topics", "qk_norm", "--lrs", "qk_norm:fast")
     assert "metadata.json" in fails("--data_dir", str(tmp_path / "missing"))
 
 
