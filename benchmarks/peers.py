@@ -47,8 +47,23 @@ def _version(dist: str) -> str:
     return f"{dist} {version(dist)}"
 
 
+def with_data_parallel_mesh_dims() -> bool:
+    """torchtitan 0.3.0 imports `DataParallelMeshDims` from torch.distributed.fsdp, a name that torch releases
+    after 2.11 have, for its FSDP helpers (signatures, and the multi-GPU sharding path), which one GPU never runs;
+    on torch 2.11 that import stops every torchtitan model module. Where torch lacks the name, a stand-in class is
+    put there so the model, compile and loss code can load; anything else missing still fails with its own error.
+    Returns whether the stand-in was needed (the row's settings say so)."""
+    import torch.distributed.fsdp as fsdp
+
+    if hasattr(fsdp, "DataParallelMeshDims"):
+        return False
+    fsdp.DataParallelMeshDims = type("DataParallelMeshDims", (), {"__doc__": "stand-in (benchmarks/peers.py)"})
+    return True
+
+
 def torchtitan_peer(cfg: ModelConfig, device: torch.device, compile: bool, float8: bool,
                     attention: str = "flex") -> Peer:
+    stand_in = with_data_parallel_mesh_dims()
     from torchtitan.components.loss import CrossEntropyLoss
     from torchtitan.config import CompileConfig
     from torchtitan.distributed.compile import apply_compile
@@ -97,7 +112,8 @@ def torchtitan_peer(cfg: ModelConfig, device: torch.device, compile: bool, float
         return loss_fn(pred, labels, torch.tensor(labels.numel(), device=labels.device))[0]
 
     settings = (f"attention {attention}, fused wqkv, compile {'per block + loss' if compile else 'off'}, "
-                f"float8 {'rowwise (LM head bf16)' if float8 else 'off'}")
+                f"float8 {'rowwise (LM head bf16)' if float8 else 'off'}"
+                + (", torch.distributed.fsdp.DataParallelMeshDims stood in (not in this torch)" if stand_in else ""))
     return Peer(model, loss, _version("torchtitan"), settings)
 
 

@@ -115,3 +115,16 @@ def test_the_sdpa_lever_makes_torchtitan_rows_only():
                               baseline_variants=["shipped", "sdpa", "fp8"])
     assert rows(args) == [("baseline", "shipped"), ("baseline", "fp8"), ("torchtitan", "shipped"),
                           ("torchtitan", "sdpa"), ("torchtitan", "fp8"), ("llmtrain", "shipped")]
+
+
+def test_torchtitan_gets_a_stand_in_for_the_one_fsdp_name_torch_2_11_lacks(monkeypatch):
+    import torch.distributed.fsdp as fsdp
+    from peers import with_data_parallel_mesh_dims
+
+    present = fsdp.DataParallelMeshDims
+    assert with_data_parallel_mesh_dims() is False and fsdp.DataParallelMeshDims is present  # a newer torch: kept
+    monkeypatch.delattr(fsdp, "DataParallelMeshDims")  # torch 2.11
+    assert with_data_parallel_mesh_dims() is True
+    from torch.distributed.fsdp import DataParallelMeshDims  # what torchtitan.distributed.fsdp imports
+
+    assert (DataParallelMeshDims | None) is not None  # its signatures evaluate `DataParallelMeshDims | None`
