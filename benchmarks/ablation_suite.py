@@ -191,12 +191,12 @@ def scale_overrides(overrides: dict[str, Any], scale: Scale, where: str, changes
     return out
 
 
-def select(spec: dict[str, Any], topic: str, variants: list[str],
+def select(spec: dict[str, Any], topic: str, variants: list[tuple[str, str]],
            lrs: list[tuple[Optional[str], float]]) -> dict[str, Any]:
-    """The spec restricted to the variants named `TOPIC:VARIANT` in `variants` (its baseline always kept; a topic
-    none of them names keeps all) and to the LRs of its grid in `lrs`: (None, lr) for every topic, (topic, lr) for
-    that one (a topic without an LR grid keeps the base's; one that no item concerns keeps its grid)."""
-    wanted = [item.split(":", 1)[1] for item in variants if item.split(":", 1)[0] == topic]
+    """The spec restricted to the variants named in `variants`, (topic, variant) pairs (its baseline always kept; a
+    topic none of them names keeps all), and to the LRs of its grid in `lrs`: (None, lr) for every topic, (topic,
+    lr) for that one (a topic without an LR grid keeps the base's; one that no item concerns keeps its grid)."""
+    wanted = [variant for named, variant in variants if named == topic]
     if wanted:
         named = spec["variants"] if "variants" in spec else expand_grid(spec.pop("grid"))
         baseline = spec.get("baseline", next(iter(named)))
@@ -206,7 +206,7 @@ def select(spec: dict[str, Any], topic: str, variants: list[str],
                              f"{', '.join(named)}")
         spec["variants"] = {v: o for v, o in named.items() if v == baseline or v in wanted}
         spec["baseline"] = baseline
-    mine = [x for named, x in lrs if named in (None, topic)]
+    mine = [lr for named, lr in lrs if named in (None, topic)]
     if mine and spec.get("lrs"):
         kept = [lr for lr in spec["lrs"] if any(math.isclose(float(lr), x, rel_tol=1e-6) for x in mine)]
         if not kept:
@@ -217,7 +217,8 @@ def select(spec: dict[str, Any], topic: str, variants: list[str],
 
 
 def derive_spec(name: str, scale: Scale, n_seeds: int, scale_path: Path, work: Path,
-                variants: tuple[str, ...] = (), lrs: tuple[tuple[Optional[str], float], ...] = ()) -> Topic:
+                variants: tuple[tuple[str, str], ...] = (),
+                lrs: tuple[tuple[Optional[str], float], ...] = ()) -> Topic:
     shipped_path = ABLATIONS / f"{name}.yaml"
     shipped = yaml.safe_load(shipped_path.read_text())
     spec = dict(shipped)
@@ -725,6 +726,7 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     for item in args.variants:
         if ":" not in item or item.split(":", 1)[0] not in args.topics:
             parser.error(f"--variants {item!r}: give TOPIC:VARIANT with a topic of --topics ({', '.join(args.topics)})")
+    args.variants = [tuple(item.split(":", 1)) for item in args.variants]  # (topic, variant)
     args.lrs = [parse_lr(item, args.topics, parser) for item in args.lrs]
     args.name = args.name or next((g for g, t in GROUPS.items() if list(t) == args.topics), "custom")
     if args.work is None:
