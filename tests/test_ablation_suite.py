@@ -87,7 +87,6 @@ def test_variants_and_lrs_select_part_of_a_topic_and_keep_its_baseline(prepared_
 def test_shipped_base_is_what_its_header_says():
     """The base's comment states its size and token budget; the numbers are the config's."""
     sys.path.insert(0, str(REPO))
-    from llmtrain.model.config import ModelConfig
     from llmtrain.sweep import non_embedding_params
 
     base = yaml.safe_load((REPO / "configs" / "ablations" / "base.yaml").read_text())
