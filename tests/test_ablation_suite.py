@@ -244,3 +244,9 @@ def test_a_smaller_last_wave_starts_when_a_full_one_would_not_end_in_time():
     assert module.fits(12, 220.0, 230.0, args) and not module.fits(12, 220.0, 200.0, args)
     assert module.fits(8, 220.0, 200.0, args) and not module.fits(11, 220.0, 200.0, args)
     assert not module.fits(1, 220.0, 60.0, args)  # start-up alone does not fit
+    # A run alone is counted as one of two: 60 + 160 * 2 / 12 = 87 s. Measured at 5 at once on the H200 (438 s,
+    # 40 s of start-up): a run started alone with 132 s left did not end, which the linear model (120 s) allowed.
+    assert module.fits(1, 220.0, 87.0, args) and not module.fits(1, 220.0, 86.0, args)
+    args = argparse.Namespace(parallel=5, assumed_overhead_s=40.0)
+    assert not module.fits(1, 438.0, 132.0, args) and module.fits(1, 438.0, 200.0, args)
+    assert module.fits(5, 438.0, 438.0, args) and not module.fits(5, 438.0, 437.0, args)
