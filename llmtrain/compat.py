@@ -13,6 +13,8 @@ from typing import TYPE_CHECKING, Any, Iterator, Optional
 if TYPE_CHECKING:
     from datetime import timedelta
 
+    import torch
+
     import lightning.pytorch as pl
     from lightning.pytorch.callbacks import ModelCheckpoint
     from lightning.pytorch.loggers import TensorBoardLogger
@@ -127,9 +129,29 @@ def deepspeed_global_grad_norm(optimizer: Any) -> Optional[Any]:
 
 
 def takes_found_inf(optimizer: Any) -> bool:
-    """Whether `optimizer.step()` reads a `found_inf` tensor and skips the whole update on the device when it is 1
-    (`_step_supports_amp_scaling`: torch's fused Adam/AdamW/SGD, the protocol they share with GradScaler)."""
+    """Whether `optimizer.step()` reads a `found_inf` tensor and skips the whole update on the device when it is 1,
+    and a `grad_scale` tensor it divides every gradient by inside its kernel (`_step_supports_amp_scaling`: torch's
+    fused Adam/AdamW/SGD, the protocol they share with GradScaler)."""
     return bool(getattr(optimizer, "_step_supports_amp_scaling", False))
+
+
+def torch_optimizer(optimizer: Any) -> torch.optim.Optimizer:
+    """The torch optimizer inside Lightning's and DeepSpeed's wrappers."""
+    import torch
+
+    while not isinstance(optimizer, torch.optim.Optimizer):
+        optimizer = getattr(optimizer, "optimizer", None) or getattr(optimizer, "_optimizer")
+    return optimizer
+
+
+def set_grad_scale(optimizer: Any, scale: Optional[Any]) -> None:
+    """Gives the next `optimizer.step()` a divisor for every gradient (a 0-dim float tensor on the parameters'
+    device), or removes it (None). Only for an optimizer where takes_found_inf()."""
+    if scale is None:
+        if hasattr(optimizer, "grad_scale"):
+            del optimizer.grad_scale
+    else:
+        optimizer.grad_scale = scale
 
 
 def set_found_inf(optimizer: Any, flag: Optional[Any]) -> None:

@@ -56,7 +56,7 @@ from torch import Tensor
 
 from llmtrain.callbacks.stability import PREFIX, AttentionMonitor, LogitMonitor, WeightMonitor, is_deepspeed
 from llmtrain.compat import (deepspeed_global_grad_norm, rewind_optimizer_steps, set_found_inf,
-                             takes_found_inf)
+                             takes_found_inf, torch_optimizer)
 from llmtrain.training.step_log import log_step
 
 ACTIONS = ("log", "skip_step", "rollback")
@@ -132,13 +132,6 @@ class _Decision:
             self.event.synchronize()
         loss, grad_norm, score, spike = self.host.tolist()
         return loss, grad_norm, score, bool(spike)
-
-
-def torch_optimizer(optimizer: Any) -> torch.optim.Optimizer:
-    """The torch optimizer inside Lightning's and DeepSpeed's wrappers."""
-    while not isinstance(optimizer, torch.optim.Optimizer):
-        optimizer = getattr(optimizer, "optimizer", None) or getattr(optimizer, "_optimizer")
-    return optimizer
 
 
 class SpikeDetector(pl.Callback):

@@ -12,7 +12,8 @@ import torch
 
 from llmtrain.checkpointing.hf_import import load_initial_weights
 from llmtrain.checkpointing.save import refuse_nonfinite_weights
-from llmtrain.compat import checkpoint_wrapper, compile_mode_options, should_accumulate
+from llmtrain.compat import (checkpoint_wrapper, compile_mode_options, set_grad_scale, should_accumulate,
+                             takes_found_inf, torch_optimizer)
 from llmtrain.model import ConfigError, Decoder, ModelConfig
 from llmtrain.training.loss import cross_entropy_and_z
 from llmtrain.training.optim import OptimConfig, ScheduleLR, build_optimizer
@@ -95,6 +96,7 @@ class LanguageModel(pl.LightningModule):
         self._micro_batches = 0
         self._step_values: dict[str, torch.Tensor] = {}
         self._step_host: dict[str, float] = {}
+        self._scaled_optimizer: Optional[torch.optim.Optimizer] = None  # holds a clipping grad_scale this step
         self.tokens_seen = 0  # global count of trained tokens, restored on resume
         self.run_config: Optional[str] = None  # the resolved YAML, set by the CLI and stored in checkpoints
 
@@ -169,7 +171,8 @@ class LanguageModel(pl.LightningModule):
     def configure_gradient_clipping(self, optimizer: torch.optim.Optimizer,
                                     gradient_clip_val: Optional[Union[int, float]] = None,
                                     gradient_clip_algorithm: Optional[str] = None) -> None:
-        """Clips by global norm and logs that norm (train/grad_norm) from the same pass over the gradients.
+        """Clips by global norm and logs that norm (train/grad_norm) from the same pass over the gradients; with
+        torch's fused AdamW the scaling itself happens inside its step (_clip_in_optimizer_step).
 
         Replaces Lightning's clipping, which refuses torch's fused AdamW under bf16-mixed (it assumes a grad
         scaler that bf16 does not use). Under DDP the gradients are already all-reduced here, so the norm is
@@ -183,9 +186,25 @@ class LanguageModel(pl.LightningModule):
             torch.nn.utils.clip_grad_value_(self.parameters(), gradient_clip_val)
             return
         norm = self.gradient_norm()
-        if gradient_clip_val:
+        if gradient_clip_val and not self._clip_in_optimizer_step(optimizer, float(gradient_clip_val), norm):
             torch.nn.utils.clip_grads_with_norm_(self.parameters(), float(gradient_clip_val), norm, foreach=True)
         self._step_values["train/grad_norm"] = norm
+
+    def _clip_in_optimizer_step(self, optimizer: Optional[torch.optim.Optimizer], max_norm: float,
+                                norm: torch.Tensor) -> bool:
+        """Clips inside torch's fused AdamW: GradScaler's `grad_scale`, which its kernel divides every gradient by
+        as it reads them, set to the inverse of clip_grads_with_norm_'s coefficient (max_norm / (norm + 1e-6), at
+        most 1). That spares clipping its own read and write of every gradient; the update is the same up to
+        rounding. False where the optimizer takes no grad_scale, or a GradScaler (fp16) sets its own."""
+        if optimizer is None:
+            return False
+        optimizer = torch_optimizer(optimizer)
+        scaler = self._trainer is not None and getattr(self._trainer.precision_plugin, "scaler", None) is not None
+        if not takes_found_inf(optimizer) or scaler:
+            return False
+        set_grad_scale(optimizer, torch.clamp((norm.float() + 1e-6) / max_norm, min=1.0))
+        self._scaled_optimizer = optimizer  # the divisor is for this step only: removed at the next batch start
+        return True
 
     def gradient_norm(self) -> torch.Tensor:
         """Global L2 norm of this step's gradients before clipping, computed once per step and shared by clipping
@@ -197,6 +216,9 @@ class LanguageModel(pl.LightningModule):
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         self._grad_norm = None
+        if self._scaled_optimizer is not None:
+            set_grad_scale(self._scaled_optimizer, None)
+            self._scaled_optimizer = None
 
     def _deepspeed_engine(self) -> Optional[Any]:
         return getattr(getattr(self._trainer, "strategy", None), "deepspeed_engine", None)

@@ -151,3 +151,51 @@ def test_train_values_are_written_at_lightnings_logging_steps_with_that_steps_va
         assert scalars["train/loss"][step] == pytest.approx(record.loss[step], rel=1e-6)
         assert scalars["train/lr"][step] == record.lr[step]  # the rate the step trained with, not the next one
         assert scalars["train/tokens"][step] == (step + 1) * accumulate * 4 * 16
+
+
+def _fused_pair() -> tuple[LanguageModel, LanguageModel]:
+    torch.manual_seed(0)
+    first = make_module(optim=OptimConfig(fused=True))
+    second = make_module(optim=OptimConfig(fused=True))
+    second.model.load_state_dict(first.model.state_dict())
+    return first, second
+
+
+def test_clipping_rides_in_the_fused_adamw_step_and_matches_clipping_first():
+    """With torch's fused AdamW the clip is a grad_scale divisor read by the optimizer's own kernel (no pass of its
+    own over the gradients); the update and the gradients left behind match clip_grads_with_norm_ then step."""
+    for grad in (3.0, 1e-4):  # a global norm above max_norm 1.0 (clipped), and one below (a divisor of exactly 1)
+        fused, plain = _fused_pair()
+        optimizers = [torch.optim.AdamW(m.parameters(), lr=1e-2, fused=True) for m in (fused, plain)]
+        for m in (fused, plain):
+            for p in m.parameters():
+                p.grad = torch.full_like(p, grad)
+        fused.configure_gradient_clipping(optimizers[0], gradient_clip_val=1.0, gradient_clip_algorithm="norm")
+        assert all(torch.equal(p.grad, torch.full_like(p, grad)) for p in fused.parameters())  # not touched yet
+        plain.configure_gradient_clipping(None, gradient_clip_val=1.0, gradient_clip_algorithm="norm")
+        for optimizer in optimizers:
+            optimizer.step()
+        for a, b in zip(fused.parameters(), plain.parameters()):
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+            torch.testing.assert_close(a.grad, b.grad, rtol=1e-6, atol=1e-9)
+        if grad < 1:
+            assert optimizers[0].grad_scale.item() == 1.0
+        torch.testing.assert_close(fused._step_values["train/grad_norm"], plain._step_values["train/grad_norm"])
+        fused.on_train_batch_start(None, 0)
+        assert not hasattr(optimizers[0], "grad_scale")  # for one step only
+
+
+def test_a_fit_clipping_in_the_fused_step_trains_as_one_clipping_first(monkeypatch):
+    """Lightning's order (clipping hook, then optimizer.step) with the divisor: the same weights after four steps as
+    a fit whose fused AdamW is made to refuse grad_scale, so that clip_grads_with_norm_ runs."""
+    import llmtrain.training.module as module_file
+
+    weights = []
+    for takes_scale in (True, False):
+        monkeypatch.setattr(module_file, "takes_found_inf", lambda optimizer, v=takes_scale: v)
+        torch.manual_seed(0)
+        model = LanguageModel(tiny_config(), OptimConfig(fused=True, lr=1e-2, warmup_steps=0))
+        fit(model, random_batches(4), [], max_steps=4, gradient_clip_val=0.05)
+        weights.append(model.model.state_dict())
+    for name, value in weights[0].items():
+        torch.testing.assert_close(value, weights[1][name], rtol=1e-5, atol=1e-6, msg=name)
