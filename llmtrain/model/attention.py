@@ -209,15 +209,20 @@ class Attention(nn.Module):
         self.k_norm = nn.RMSNorm(self.head_dim, eps=config.norm_eps) if config.qk_norm else nn.Identity()
 
     def project(self, x: Tensor, positions: PositionContext) -> tuple[Tensor, Tensor, Tensor]:
-        """x (B, T, d_model) -> q, k, v (B, n_head, T, head_dim), after qk-norm, RoPE and the GQA repeat."""
+        """x (B, T, d_model) -> q, k, v (B, n_head, T, head_dim), after qk-norm, RoPE and the GQA repeat.
+
+        qk-norm and RoPE run in the projections' own (B, T, heads, hd) layout and only then is it viewed as
+        (B, heads, T, hd): q stays stored token-major, SDPA's output follows q's layout, and so the (B, T, d_model)
+        view for out_proj and the q/k gradients on their way back to q_proj/k_proj need no transposing copy (with
+        RoPE applied after the transpose, inductor stored q head-major and copied both, twice per layer)."""
         B, T, _ = x.shape
-        q = self.q_norm(self.q_proj(x).view(B, T, self.n_head, self.head_dim)).transpose(1, 2)  # (B, H, T, hd)
-        k = self.k_norm(self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim)).transpose(1, 2)  # (B, KV, T, hd)
-        v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, KV, T, hd)
+        q = self.q_norm(self.q_proj(x).view(B, T, self.n_head, self.head_dim))  # (B, T, H, hd)
+        k = self.k_norm(self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim))  # (B, T, KV, hd)
+        v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim)  # (B, T, KV, hd)
         q, k = positions.rotate(q, k)
         # Repeat k/v to n_head explicitly: SDPA's enable_gqa can route to slower kernels.
         n_rep = self.n_head // self.n_kv_head
-        return q, repeat_kv(k, n_rep), repeat_kv(v, n_rep)
+        return q.transpose(1, 2), repeat_kv(k.transpose(1, 2), n_rep), repeat_kv(v.transpose(1, 2), n_rep)
 
     def forward(self, x: Tensor, positions: PositionContext) -> Tensor:  # (B, T, d_model) -> (B, T, d_model)
         B, T, _ = x.shape

@@ -35,7 +35,7 @@ class PositionContext:
     kernel: Optional[AttentionKernel] = None  # the attention backend with its masks, set by the Decoder
 
     def rotate(self, q: Tensor, k: Tensor) -> tuple[Tensor, Tensor]:
-        """RoPE on q (B, H, T, hd) and k (B, KV, T, hd); identity for the other encodings."""
+        """RoPE on q (B, T, H, hd) and k (B, T, KV, hd); identity for the other encodings."""
         if self.rope_cos is None:
             return q, k
         return apply_rope(q, self.rope_cos, self.rope_sin), apply_rope(k, self.rope_cos, self.rope_sin)
@@ -81,14 +81,14 @@ def rope_tables(head_dim: int, max_seq_len: int, theta: float, device: Optional[
 
 
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Rotate pairs (x_i, x_{i+hd/2}) of x (B, H, T, hd) by the angles in cos/sin (B|1, T, hd/2).
+    """Rotate pairs (x_i, x_{i+hd/2}) of x (B, T, H, hd) by the angles in cos/sin (B|1, T, hd/2).
 
     Half-split pairing ("rotate_half"), as in Hugging Face's Llama, so exported q/k weights need no permutation.
     The tables are cast to x's dtype: under pure bf16 fp32 tables would promote q/k to fp32 and break SDPA.
     """
-    cos = cos.to(x.dtype).unsqueeze(1)  # (B|1, 1, T, hd/2): same angle for every head
-    sin = sin.to(x.dtype).unsqueeze(1)
-    x1, x2 = x.chunk(2, dim=-1)  # (B, H, T, hd/2) each
+    cos = cos.to(x.dtype).unsqueeze(2)  # (B|1, T, 1, hd/2): same angle for every head
+    sin = sin.to(x.dtype).unsqueeze(2)
+    x1, x2 = x.chunk(2, dim=-1)  # (B, T, H, hd/2) each
     return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
 
 

@@ -37,17 +37,17 @@ def test_rope_matches_complex_rotation_reference() -> None:
     """Independent form: pair (x_i, x_{i+hd/2}) as the complex number x_i + i·x_{i+hd/2}, times e^{i·pos·θ_i}."""
     hd, theta, T = 8, 10000.0, 12
     torch.manual_seed(0)
-    x = torch.randn(2, 3, T, hd, dtype=torch.float64)
+    x = torch.randn(2, T, 3, hd, dtype=torch.float64)  # (B, T, H, hd)
     freqs = theta ** (-torch.arange(0, hd, 2, dtype=torch.float64) / hd)
     angles = torch.arange(T, dtype=torch.float64)[:, None] * freqs  # (T, hd/2)
-    z = torch.complex(x[..., : hd // 2], x[..., hd // 2:]) * torch.polar(torch.ones_like(angles), angles)
+    z = torch.complex(x[..., : hd // 2], x[..., hd // 2:]) * torch.polar(torch.ones_like(angles), angles)[:, None]
     expected = torch.cat((z.real, z.imag), dim=-1)
     torch.testing.assert_close(apply_rope(x, angles.cos()[None], angles.sin()[None]), expected)
 
 
 def test_rope_keeps_activation_dtype(tiny) -> None:
     rope = build_position(tiny())  # fp32 tables
-    q = torch.randn(1, 4, 8, 8, dtype=torch.bfloat16)
+    q = torch.randn(1, 8, 4, 8, dtype=torch.bfloat16)  # (B, T, H, hd)
     q2, k2 = rope.context(torch.arange(8)[None], None).rotate(q, q)
     assert q2.dtype == k2.dtype == torch.bfloat16
 
