@@ -294,12 +294,13 @@ def loop(impl: str, shape: str, micro_batch: int, steps: int, warmup: int, vocab
         from llmtrain.callbacks.profile import profile_report
 
         activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])
-        with torch.profiler.profile(activities=activities) as prof:
+        with torch.profiler.profile(activities=activities, record_shapes=True) as prof:
             start = clock()
             for _ in range(profile):
                 step()
             wall_us = (clock() - start) * 1e6
-        profile_path.write_text(profile_report(prof.key_averages(), profile, wall_us))
+        profile_path.write_text(profile_report(prof.key_averages(), profile, wall_us,
+                                               by_shape=prof.key_averages(group_by_input_shape=True)))
     return result
 
 

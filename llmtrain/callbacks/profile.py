@@ -36,10 +36,21 @@ def kernel_category(name: str) -> str:
     return OTHER_KERNELS
 
 
+# The ops a matmul kernel is launched from, whose input shapes the shape table groups by (inductor's compiled code
+# calls them too, as extern kernels).
+MATMUL_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::_scaled_mm")
+
+
 def self_device_us(evt: Any) -> float:
     # self_device_time_total since torch 2.4; older torch names it self_cuda_time_total (deprecated since)
     value = getattr(evt, "self_device_time_total", None)
     return float(value if value is not None else evt.self_cuda_time_total)
+
+
+def device_us(evt: Any) -> float:
+    """The device time of the kernels an op launched (its children included)."""
+    value = getattr(evt, "device_time_total", None)
+    return float(value if value is not None else evt.cuda_time_total)
 
 
 def cell(name: str, limit: int = 100) -> str:
@@ -89,7 +100,7 @@ class StepProfiler(pl.Callback):
             return
         cuda = torch.cuda.is_available()
         self._prof = torch.profiler.profile(
-            activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else []))
+            activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else []), record_shapes=True)
         if cuda:
             torch.cuda.synchronize()  # the previous step's kernels are not this window's
         self._prof.start()
@@ -115,24 +126,44 @@ class StepProfiler(pl.Callback):
             torch.cuda.synchronize()  # the window's kernels have all run before the clock stops
         wall_us = (time.perf_counter() - self._t0) * 1e6
         self._prof.stop()
-        events = self._prof.key_averages()
+        events, by_shape = self._prof.key_averages(), self._prof.key_averages(group_by_input_shape=True)
         self._prof, self._done = None, True
         if steps < 1:  # stopped before the window's first optimizer step: no per-step figure to give
             rank_zero_warn(f"StepProfiler: training ended inside step start_step={self.start_step}; no report.")
             return
         os.makedirs(os.path.dirname(os.path.abspath(self._path)), exist_ok=True)
         with open(self._path, "w") as f:
-            f.write(profile_report(events, steps, wall_us, self.row_limit))
+            f.write(profile_report(events, steps, wall_us, self.row_limit, by_shape))
 
 
-def profile_report(events: Any, steps: int, wall_us: float, row_limit: int = 25) -> str:
+def profile_report(events: Any, steps: int, wall_us: float, row_limit: int = 25, by_shape: Any = None) -> str:
     """The markdown report of `steps` profiled steps (torch.profiler key_averages()) that took `wall_us` in all:
-    on CUDA, device time per kernel category and the top kernels; on CPU, the top ops."""
+    on CUDA, device time per kernel category and the top kernels; on CPU, the top ops. With `by_shape`
+    (key_averages(group_by_input_shape=True) of a profile that recorded shapes), also the matmuls by shape."""
     cuda = torch.cuda.is_available()
     device = torch.cuda.get_device_name() if cuda else "CPU"
     lines = [f"# Step profile: {device}, {steps} steps recorded, {wall_us / steps / 1e3:.2f} ms wall per step", ""]
     lines += (device_tables if cuda else cpu_table)(events, steps, wall_us, row_limit)
+    if by_shape is not None:
+        lines += matmul_shape_table(by_shape, steps, wall_us, row_limit, cuda)
     return "\n".join(lines) + "\n"
+
+
+def matmul_shape_table(events: Any, steps: int, wall_us: float, row_limit: int, cuda: bool) -> list[str]:
+    """Each matmul op and input shapes with the time of its kernels (on CPU its self CPU time): two models of one
+    shape, or two implementations of one model, compared GEMM by GEMM rather than by kernel name."""
+    ops = [e for e in events if e.key in MATMUL_OPS]
+    time_us = device_us if cuda else (lambda e: float(e.self_cpu_time_total))
+    ops.sort(key=time_us, reverse=True)
+    what = "device time of its kernels" if cuda else "self CPU time"
+    lines = ["", f"## Top {row_limit} matmuls by input shapes ({what})", "",
+             "| op | input shapes | calls | total ms | ms/step | % of wall |", "|---|---|---:|---:|---:|---:|"]
+    for e in ops[:row_limit]:
+        us = time_us(e)
+        shapes = ", ".join(str(list(shape)) for shape in e.input_shapes if shape)
+        lines.append(f"| {e.key} | {cell(shapes)} | {e.count} | {us / 1e3:.3f} | {us / steps / 1e3:.3f} | "
+                     f"{100 * us / wall_us:.1f} |")
+    return lines
 
 
 def device_tables(events: Any, steps: int, wall_us: float, row_limit: int) -> list[str]:

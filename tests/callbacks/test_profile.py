@@ -1,6 +1,6 @@
 """StepProfiler: real CPU fits write a report of exactly the steps recorded (a full window, a window cut short by the
-end of training, none at all); the CUDA table, from key_averages()-shaped entries, adds up by hand; kernel_category
-sorts real Hopper kernel names."""
+end of training, none at all); the CUDA table and the matmul shape table, from key_averages()-shaped entries, add up
+by hand; kernel_category sorts real Hopper kernel names."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from llmtrain.callbacks import StepProfiler
-from llmtrain.callbacks.profile import device_tables, kernel_category
+from llmtrain.callbacks.profile import device_tables, kernel_category, matmul_shape_table
 from llmtrain.training.module import LanguageModel
 from llmtrain.training.optim import OptimConfig
 from tests.callbacks import fit, random_batches, tiny_config
@@ -32,6 +32,10 @@ def test_a_full_window_reports_its_steps_and_the_ops_that_ran(tmp_path):
     assert report.startswith("# Step profile: CPU, 2 steps recorded, ")
     assert "needs CUDA" in report
     assert "aten::mm" in top_ops(report)  # the decoder's linear layers (bias-free) on CPU
+    # The matmuls by shape: 4 x 16 tokens through the 32-wide projections (forward: activations times weight)
+    table = report.split("matmuls by input shapes (self CPU time)")[1]
+    assert re.search(r"^\| aten::mm \| \[64, 32\], \[32, 32\] \| \d+ \|", table, flags=re.MULTILINE), table
+    assert re.search(r"^\| aten::mm \| \[64, 32\], \[32, 64\] \| \d+ \|", table, flags=re.MULTILINE)  # LM head
 
 
 def test_gradient_accumulation_is_counted_in_optimizer_steps_and_the_default_path_is_the_log_dir(tmp_path):
@@ -73,6 +77,20 @@ def test_the_device_table_adds_kernel_self_time_by_category_and_skips_annotation
     kernels = [line for line in lines if line.startswith(("| nvjet", "| sm90", "| triton", "| Optimizer", "| aten"))]
     assert kernels == ["| nvjet_tst_128x256_64x4_1x2_h_bz_coopA_NTT | 4 | 6.000 | 3.000 | 60.0 |",
                        "| sm90_xmma_gemm_bf16_cublas | 4 | 2.000 | 1.000 | 20.0 |"]
+
+
+def test_the_matmul_shape_table_ranks_matmul_ops_by_their_kernels_device_time() -> None:
+    # key_averages(group_by_input_shape=True) entries of CPU ops on CUDA: device_time_total is their kernels' time
+    def op(key: str, shapes: list, device_us: float, cpu_us: float = 50.0) -> SimpleNamespace:
+        return SimpleNamespace(key=key, input_shapes=shapes, count=6, device_time_total=device_us,
+                               self_cpu_time_total=cpu_us)
+
+    events = [op("aten::mm", [[32768, 768], [768, 2304], []], 3000.0), op("aten::mm", [[32768, 768], [768, 768]],
+              4000.0), op("aten::add_", [[32768, 768], [32768, 768]], 9000.0), op("aten::bmm", [[8, 64, 64]], 10.0)]
+    lines = matmul_shape_table(events, steps=2, wall_us=20_000.0, row_limit=2, cuda=True)
+    assert lines[1] == "## Top 2 matmuls by input shapes (device time of its kernels)"
+    assert lines[-2:] == ["| aten::mm | [32768, 768], [768, 768] | 6 | 4.000 | 2.000 | 20.0 |",
+                          "| aten::mm | [32768, 768], [768, 2304] | 6 | 3.000 | 1.500 | 15.0 |"]
 
 
 @pytest.mark.parametrize("name, category", [
