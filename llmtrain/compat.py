@@ -134,6 +134,13 @@ def takes_found_inf(optimizer: Any) -> bool:
     return bool(getattr(optimizer, "_step_supports_amp_scaling", False))
 
 
+def takes_step_tensors(optimizer: Any, trainer: Optional[pl.Trainer]) -> bool:
+    """Whether this step's `found_inf` / `grad_scale` may be handed to `optimizer.step()`: it reads them
+    (takes_found_inf), and no GradScaler (16-mixed) sets its own for the same step. `trainer` None: none known."""
+    scaler = trainer is not None and getattr(trainer.precision_plugin, "scaler", None) is not None
+    return takes_found_inf(optimizer) and not scaler
+
+
 def torch_optimizer(optimizer: Any) -> torch.optim.Optimizer:
     """The torch optimizer inside Lightning's and DeepSpeed's wrappers."""
     import torch
@@ -145,7 +152,7 @@ def torch_optimizer(optimizer: Any) -> torch.optim.Optimizer:
 
 def set_grad_scale(optimizer: Any, scale: Optional[Any]) -> None:
     """Gives the next `optimizer.step()` a divisor for every gradient (a 0-dim float tensor on the parameters'
-    device), or removes it (None). Only for an optimizer where takes_found_inf()."""
+    device), or removes it (None). Only where takes_step_tensors()."""
     if scale is None:
         if hasattr(optimizer, "grad_scale"):
             del optimizer.grad_scale
@@ -155,7 +162,7 @@ def set_grad_scale(optimizer: Any, scale: Optional[Any]) -> None:
 
 def set_found_inf(optimizer: Any, flag: Optional[Any]) -> None:
     """Gives the next `optimizer.step()` a skip flag (a 0-dim float tensor on the parameters' device: 1 skips), or
-    removes it (None), so that it applies to one step only. Only for an optimizer where takes_found_inf()."""
+    removes it (None), so that it applies to one step only. Only where takes_step_tensors()."""
     if flag is None:
         if hasattr(optimizer, "found_inf"):
             del optimizer.found_inf

@@ -56,7 +56,7 @@ from torch import Tensor
 
 from llmtrain.callbacks.stability import PREFIX, AttentionMonitor, LogitMonitor, WeightMonitor, is_deepspeed
 from llmtrain.compat import (deepspeed_global_grad_norm, rewind_optimizer_steps, set_found_inf,
-                             takes_found_inf, torch_optimizer)
+                             takes_step_tensors, torch_optimizer)
 from llmtrain.training.step_log import log_step
 
 ACTIONS = ("log", "skip_step", "rollback")
@@ -270,8 +270,7 @@ class SpikeDetector(pl.Callback):
         """Makes this step's update a no-op when the flag of _decide is set."""
         if self._flag is None:
             return
-        scaler = trainer is not None and getattr(trainer.precision_plugin, "scaler", None) is not None
-        if takes_found_inf(optimizer) and not scaler:
+        if takes_step_tensors(optimizer, trainer):
             set_found_inf(optimizer, self._flag.float())  # read by the fused kernel: no host sync
             return
         if self._flag_host is None:

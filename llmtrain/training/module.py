@@ -13,7 +13,7 @@ import torch
 from llmtrain.checkpointing.hf_import import load_initial_weights
 from llmtrain.checkpointing.save import refuse_nonfinite_weights
 from llmtrain.compat import (checkpoint_wrapper, compile_mode_options, set_grad_scale, should_accumulate,
-                             takes_found_inf, torch_optimizer)
+                             takes_step_tensors, torch_optimizer)
 from llmtrain.model import ConfigError, Decoder, ModelConfig
 from llmtrain.training.loss import cross_entropy_and_z
 from llmtrain.training.optim import OptimConfig, ScheduleLR, build_optimizer
@@ -199,8 +199,7 @@ class LanguageModel(pl.LightningModule):
         if optimizer is None:
             return False
         optimizer = torch_optimizer(optimizer)
-        scaler = self._trainer is not None and getattr(self._trainer.precision_plugin, "scaler", None) is not None
-        if not takes_found_inf(optimizer) or scaler:
+        if not takes_step_tensors(optimizer, self._trainer):
             return False
         set_grad_scale(optimizer, torch.clamp((norm.float() + 1e-6) / max_norm, min=1.0))
         self._scaled_optimizer = optimizer  # the divisor is for this step only: removed at the next batch start

@@ -192,7 +192,7 @@ def test_a_fit_clipping_in_the_fused_step_trains_as_one_clipping_first(monkeypat
 
     weights = []
     for takes_scale in (True, False):
-        monkeypatch.setattr(module_file, "takes_found_inf", lambda optimizer, v=takes_scale: v)
+        monkeypatch.setattr(module_file, "takes_step_tensors", lambda optimizer, trainer, v=takes_scale: v)
         torch.manual_seed(0)
         model = LanguageModel(tiny_config(), OptimConfig(fused=True, lr=1e-2, warmup_steps=0))
         fit(model, random_batches(4), [], max_steps=4, gradient_clip_val=0.05)
