@@ -11,8 +11,6 @@ import contextlib
 from typing import TYPE_CHECKING, Any, Iterator, Optional
 
 if TYPE_CHECKING:
-    from datetime import timedelta
-
     import lightning.pytorch as pl
     import torch
     from lightning.pytorch.callbacks import ModelCheckpoint
@@ -53,10 +51,21 @@ def tensorboard_file_writer(writer: "SummaryWriter") -> Any:
 # ------------------------------------------------------------------------ ModelCheckpoint (PeriodicCheckpoint)
 
 
-def set_train_time_interval(callback: "ModelCheckpoint", interval: "Optional[timedelta]") -> None:
-    """ModelCheckpoint's time trigger (`_train_time_interval`), set beside a step trigger: its batch-end logic
-    honours both, only its constructor refuses the pair."""
-    callback._train_time_interval = interval
+def take_over_sigterm(trainer: "pl.Trainer") -> None:
+    """For a callback that replaced the Trainer's SIGTERM handler and stops at step boundaries itself: clears the
+    Trainer's flag (set by a SIGTERM before training started, on which Lightning's loops would stop this rank alone)
+    and turns off the loop's per-step broadcast of it (`_TrainingEpochLoop._broadcast_sigterm_tensor`, under
+    torch.distributed: a collective read on the host at every batch start, which drains the GPU's queue). With the
+    handler replaced the flag stays False, so that broadcast would only ever carry 0."""
+    trainer._signal_connector.received_sigterm = False
+    loop = trainer.fit_loop.epoch_loop
+    if hasattr(loop, "_broadcast_sigterm_tensor"):
+        loop._broadcast_sigterm_tensor = lambda: None
+
+
+def restore_sigterm_broadcast(trainer: "pl.Trainer") -> None:
+    """Undoes take_over_sigterm's instance override (a later fit of this Trainer may run without the callback)."""
+    vars(trainer.fit_loop.epoch_loop).pop("_broadcast_sigterm_tensor", None)
 
 
 def save_checkpoint_now(callback: "ModelCheckpoint", trainer: "pl.Trainer") -> None:

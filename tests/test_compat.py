@@ -45,9 +45,8 @@ def test_tensorboard_prefix_and_file_writer_write_one_event(tmp_path) -> None:
         {"a": [(7, 1.0)], "b": [(7, 2.0)]}, f"torch {torch.__version__}: SummaryWriter._get_file_writer changed"
 
 
-# ------------------------------------------------------------------ ModelCheckpoint's triggers and save path, DeepSpeed
+# ------------------------------------------------- the SIGTERM flag, ModelCheckpoint's save path, DeepSpeed
 
-from datetime import timedelta  # noqa: E402
 from types import SimpleNamespace  # noqa: E402
 
 from lightning.pytorch.callbacks import ModelCheckpoint  # noqa: E402
@@ -74,11 +73,17 @@ def _fit_with(checkpoint: ModelCheckpoint, save_at_end: bool, tmp_path) -> _Save
     return recorder
 
 
-def test_train_time_interval_is_honoured_beside_a_step_trigger(tmp_path) -> None:
-    checkpoint = ModelCheckpoint(dirpath=tmp_path, filename="{step}", every_n_train_steps=100, save_top_k=-1)
-    compat.set_train_time_interval(checkpoint, timedelta(0))  # due at every step
-    assert _fit_with(checkpoint, False, tmp_path).saved == [1, 2, 3], \
-        f"lightning {pl.__version__}: ModelCheckpoint._train_time_interval changed"
+def test_take_over_sigterm_clears_the_flag_and_stops_the_per_step_broadcast() -> None:
+    trainer = pl.Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False)
+    loop = trainer.fit_loop.epoch_loop
+    assert callable(getattr(type(loop), "_broadcast_sigterm_tensor", None)), \
+        f"lightning {pl.__version__}: _TrainingEpochLoop._broadcast_sigterm_tensor is gone (drop the override?)"
+    trainer._signal_connector.received_sigterm = True
+    compat.take_over_sigterm(trainer)
+    assert trainer.received_sigterm is False, f"lightning {pl.__version__}: Trainer.received_sigterm is kept elsewhere"
+    assert loop._broadcast_sigterm_tensor() is None
+    compat.restore_sigterm_broadcast(trainer)
+    assert loop._broadcast_sigterm_tensor.__func__ is type(loop)._broadcast_sigterm_tensor
 
 
 def test_save_checkpoint_now_saves_the_current_step_once_and_moves_last(tmp_path) -> None:

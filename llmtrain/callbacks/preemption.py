@@ -4,10 +4,12 @@ when in SLURM, and exit with 128 + the signal number: 143 (SIGTERM) and 138 (SIG
 Why not Lightning's own `SLURMEnvironment(auto_requeue=True)`: in Lightning 2.6 it saves the checkpoint *inside the
 signal handler*, i.e. after any bytecode, possibly mid-step or mid-collective (Lightning-AI/pytorch-lightning#21406:
 intermittent hangs), and writes `hpc_ckpt_N.ckpt` beside, not into, the folder that `--ckpt_path last` reads; its
-SIGTERM handler also runs a collective inside the handler. Here the handler only records the signal. At the end of
-the next optimizer step one all-reduce tells every rank, all ranks save `last.ckpt` together; at the start of the
-following batch rank 0 runs `scontrol requeue` (in SLURM), prints one line naming the checkpoint and the resume
-command, and every rank exits with 128 + signum. The requeued job (SLURM_RESTART_COUNT > 0) is started by
+SIGTERM handler also runs a collective inside the handler. Here the handler only records the signal. At each optimizer
+step's end every rank submits whether it has a signal to a StepAgreement (an all-reduce read one step later, so the
+GPU's queue never drains for it); the step where the agreement says yes, all ranks save `last.ckpt` together: the
+step the signal came in on one process, the step after it across processes. At the start of the following batch
+rank 0 runs `scontrol requeue` (in SLURM), prints one line naming the checkpoint and the resume command, and every
+rank exits with 128 + signum. The requeued job (SLURM_RESTART_COUNT > 0) is started by
 launch/slurm/llmtrain.sbatch with `--ckpt_path last`, which finds this checkpoint; outside SLURM the user (or a
 supervisor reading the status) reruns the printed command. The shipped configs list this callback, so a plain
 `llmtrain fit` stopped by `kill`, a scheduler or a container runtime keeps its steps and never exits 0.
@@ -30,7 +32,8 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_only, rank_zero_warn
 
-from llmtrain.compat import set_handlers_restored_after_fit
+from llmtrain.compat import restore_sigterm_broadcast, set_handlers_restored_after_fit, take_over_sigterm
+from llmtrain.training.agreement import StepAgreement
 
 SIGNALS = {"SIGUSR1": signal.SIGUSR1, "SIGUSR2": signal.SIGUSR2, "SIGTERM": signal.SIGTERM, "SIGINT": signal.SIGINT}
 
@@ -58,6 +61,7 @@ class PreemptionCheckpoint(Callback):
         self._original_handlers: dict[int, Any] = {}
         self._last_global_step = -1
         self._saved: Optional[Path] = None  # the checkpoint written after a signal; the run stops at the next batch
+        self._agreement = StepAgreement()
 
     # -- signal handling: the handler only records; all work happens at a step boundary -----------------------------
 
@@ -96,17 +100,21 @@ class PreemptionCheckpoint(Callback):
         for name in self.signals:
             signal.signal(SIGNALS[name], self._record)
         set_handlers_restored_after_fit(trainer, self._original_handlers)
+        if "SIGTERM" in self.signals:
+            take_over_sigterm(trainer)
         self._last_global_step = trainer.global_step
+        self._agreement.reset()
 
     def teardown(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
         if stage == "fit":
             self._restore()
+            restore_sigterm_broadcast(trainer)
 
     def on_exception(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", exception: BaseException) -> None:
-        # A SIGTERM that came before on_train_start also reached the Trainer's own handler, and its loop stops right
-        # after the batch end at which we saved, with SystemExit(None), i.e. status 0: give it ours.
-        if isinstance(exception, SIGTERMException) and exception.code is None and self._saved is not None:
-            exception.code = self._announce(trainer)
+        # A SIGTERM before on_train_start also reached the Trainer's own handler, and Lightning's loops stop on it with
+        # SystemExit(None), i.e. status 0 (e.g. its evaluation loop in the sanity check): give it ours, never 0.
+        if isinstance(exception, SIGTERMException) and exception.code is None and self._received is not None:
+            exception.code = self._announce(trainer) if self._saved is not None else 128 + self._received
         self._restore()  # for an exception before training started, when the Trainer has nothing to put back
 
     # -- at the step boundary -------------------------------------------------------------------------------------
@@ -116,8 +124,9 @@ class PreemptionCheckpoint(Callback):
         if trainer.global_step == self._last_global_step:
             return  # inside gradient accumulation: the accumulated gradients are not part of a checkpoint
         self._last_global_step = trainer.global_step
-        # One tiny all-reduce per optimizer step: every rank stops at the same step, even if only one was signalled.
-        if self._saved is None and trainer.strategy.reduce_boolean_decision(self._received is not None, all=False):
+        # Every rank stops at the same step, even if only one was signalled; a call on every rank at every step.
+        agreed = self._agreement.submit(trainer, self._received is not None)
+        if agreed and self._saved is None:
             self._saved = self._save(trainer)  # where ModelCheckpoint saves too: a state Lightning resumes exactly
 
     def on_train_batch_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", batch: Any,

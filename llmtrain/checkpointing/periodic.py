@@ -2,20 +2,22 @@
 
 from __future__ import annotations
 
-from datetime import timedelta
-from typing import Optional
+import time
+from typing import Any, Optional
 
 import lightning.pytorch as pl
 from lightning.fabric.plugins import TorchCheckpointIO
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from llmtrain.checkpointing.save import AtomicCheckpointIO
-from llmtrain.compat import save_checkpoint_now, set_train_time_interval
+from llmtrain.compat import save_checkpoint_now
+from llmtrain.training.agreement import StepAgreement
 
 
 class PeriodicCheckpoint(ModelCheckpoint):
     """ModelCheckpoint that saves on either trigger (Lightning allows only one), keeps the `keep` newest, and saves
-    the step a fit ends at, so that generate/export use the model whose validation loss was reported.
+    the step a fit ends at, so that generate/export use the model whose validation loss was reported. The time
+    trigger fires when `every_minutes` have passed on rank 0's clock since the last checkpoint of any kind.
 
     `last.ckpt` is a link to the newest save, so `llmtrain fit --ckpt_path last` resumes from it. Saves are atomic:
     single files through AtomicCheckpointIO (installed at setup: temp file beside the target, fsync, rename), ZeRO
@@ -37,8 +39,34 @@ class PeriodicCheckpoint(ModelCheckpoint):
                          every_n_train_steps=every_n_steps or 0, save_on_train_epoch_end=False,
                          # A resumed run must move `last` forward, not write last-v1 beside a stale last.
                          enable_version_counter=False)
-        # ModelCheckpoint's batch-end logic honours both triggers; only its constructor refuses the pair.
-        set_train_time_interval(self, timedelta(minutes=every_minutes) if every_minutes else None)
+        # The time trigger is this class's, not ModelCheckpoint's train_time_interval: that one broadcasts rank 0's
+        # decision at every step and reads it on the host, which drains the GPU's queue (StepAgreement).
+        self.every_minutes = every_minutes
+        self._agreement = StepAgreement()
+        self._since_save = 0.0  # rank 0's clock: the last save, or the start of training
+        self._step_submitted = -1
+
+    def on_train_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        super().on_train_start(trainer, pl_module)
+        self._agreement.reset()
+        self._since_save, self._step_submitted = time.monotonic(), trainer.global_step
+
+    def on_train_batch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)  # the step trigger
+        if self.every_minutes is None or trainer.global_step == self._step_submitted:
+            return  # no time trigger, or inside gradient accumulation (the optimizer step has not advanced)
+        self._step_submitted = trainer.global_step
+        # Rank 0's clock decides; across processes every rank saves one step after it said so.
+        due = trainer.is_global_zero and time.monotonic() - self._since_save >= 60 * self.every_minutes
+        if due:
+            self._since_save = time.monotonic()  # one save per interval, whichever step the agreement lands on
+        if self._agreement.submit(trainer, due):
+            save_checkpoint_now(self, trainer)
+
+    def on_save_checkpoint(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule",
+                           checkpoint: dict[str, Any]) -> None:
+        self._since_save = time.monotonic()  # any checkpoint (step trigger, preemption) restarts the interval
 
     def setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
         super().setup(trainer, pl_module, stage)

@@ -237,6 +237,25 @@ def test_the_step_a_fit_ends_at_is_saved_once(tmp_path: Path, max_steps: int, sa
     assert torch.load(tmp_path / "last.ckpt", weights_only=True)["global_step"] == max_steps
 
 
+class ClockAdvance(pl.Callback):
+    """Moves PeriodicCheckpoint's clock an hour back when step `step` starts: its time trigger is due at its end."""
+
+    def __init__(self, checkpoints: PeriodicCheckpoint, step: int) -> None:
+        self.checkpoints, self.step = checkpoints, step
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch, batch_idx: int) -> None:
+        if trainer.global_step == self.step:
+            self.checkpoints._since_save -= 3600
+
+
+def test_the_time_trigger_saves_the_step_it_is_due_at_on_one_process(tmp_path: Path) -> None:
+    counter = SaveCounter()
+    checkpoints = PeriodicCheckpoint(dirpath=str(tmp_path), every_n_steps=None, every_minutes=30, keep=3)
+    fit(LanguageModel(tiny_config(), OptimConfig(warmup_steps=1, total_steps=20)), random_batches(12),
+        [checkpoints, counter, ClockAdvance(checkpoints, 3)], max_steps=7)
+    assert counter.steps == [4, 7]  # due at the end of step 4 (global_step 3 -> 4), then the end of the fit
+
+
 @pytest.mark.slow
 def test_under_ddp_the_step_a_fit_ends_at_is_saved(prepared_corpus, tmp_path: Path) -> None:
     """Two gloo ranks through the real CLI and the shipped config: saves at 4 (periodic) and 6 (the end), not again."""

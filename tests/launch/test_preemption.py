@@ -1,5 +1,6 @@
-"""PreemptionCheckpoint in one process: a signal mid-run saves last.ckpt at a step boundary, the run exits, and a
-resumed run continues the step count; when to requeue, checked against a stand-in `scontrol`."""
+"""PreemptionCheckpoint: a signal mid-run saves last.ckpt at a step boundary, the run exits, and a resumed run
+continues the step count; across two ranks, a signal to one stops both at the same step, and no step boundary reads
+a collective on the host; when to requeue, checked against a stand-in `scontrol`."""
 
 from __future__ import annotations
 
@@ -160,3 +161,87 @@ def test_sigterm_before_training_starts_saves_at_the_first_step_and_never_exits_
     assert stopped.value.code == 143  # Lightning's own SIGTERM exit carries no code: status 0
     assert torch.load(checkpoints / "last.ckpt", weights_only=True)["global_step"] == 1
     assert "exit status 143 (saved, resumable)" in capfd.readouterr().err
+
+
+class SignalAtValidation(Callback):
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        if batch_idx == 0:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+def test_sigterm_in_the_sanity_check_saves_nothing_and_never_exits_0(tmp_path):
+    """Lightning's evaluation loop stops on the Trainer's own SIGTERM flag with SystemExit(None), status 0."""
+    with pytest.raises(SIGTERMException) as stopped:
+        Trainer(default_root_dir=tmp_path, max_steps=10, accelerator="cpu", devices=1, logger=False,
+                enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=2,
+                callbacks=[ModelCheckpoint(dirpath=tmp_path / "checkpoints", save_last=True), PreemptionCheckpoint(),
+                           SignalAtValidation()]).fit(BoringModel())
+    assert stopped.value.code == 143
+    assert not (tmp_path / "checkpoints").exists()
+
+
+# Two gloo ranks (launched as torchrun would): rank 0's clock makes the time trigger due after step 3 and SIGUSR1
+# reaches rank 1 alone at step 6. Every rank must save the same steps and stop at the same one; at no step boundary
+# outside a save may a rank read a collective's result on the host (with NCCL, a drain of the GPU's queue).
+TWO_RANKS = r"""
+import os, signal, sys
+import torch
+from lightning.pytorch import Callback, Trainer
+from lightning.pytorch.demos.boring_classes import BoringModel
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+from llmtrain.callbacks import PeriodicCheckpoint
+from llmtrain.callbacks.preemption import PreemptionCheckpoint
+
+rank = int(os.environ["RANK"])
+
+class Steps(Callback):
+    # The steps saved, and the step of every collective read on the host (Lightning's and ours).
+    def __init__(self, periodic):
+        self.periodic, self.saved, self.reads, self.training = periodic, [], [], False
+    def setup(self, trainer, pl_module, stage):
+        for owner, name in ((trainer.strategy, "reduce_boolean_decision"), (trainer.strategy, "broadcast"),
+                            (torch.distributed, "broadcast")):
+            self._spy(trainer, owner, name)
+    def _spy(self, trainer, owner, name):
+        original = getattr(owner, name)
+        def spied(*args, **kwargs):
+            if self.training:
+                self.reads.append(trainer.global_step)
+            return original(*args, **kwargs)
+        setattr(owner, name, spied)
+    def on_train_start(self, trainer, pl_module):
+        self.training = True
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if rank == 0 and trainer.global_step == 3:
+            self.periodic._since_save -= 3600  # rank 0's clock only: the trigger is due at the end of this step
+        if rank == 1 and trainer.global_step == 6:
+            os.kill(os.getpid(), signal.SIGUSR1)
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint):
+        self.saved.append(trainer.global_step)
+
+periodic = PeriodicCheckpoint(dirpath=sys.argv[1], every_n_steps=None, every_minutes=30, keep=10)
+steps = Steps(periodic)
+trainer = Trainer(max_steps=20, accelerator="cpu", devices=2, strategy="ddp", logger=False,
+                  enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+                  callbacks=[periodic, PreemptionCheckpoint(requeue=False), steps])
+try:
+    trainer.fit(BoringModel())
+    status = 0
+except SIGTERMException as stop:
+    status = stop.code
+print(f"RESULT rank={rank} status={status} saved={steps.saved} reads={sorted(set(steps.reads))}", flush=True)
+"""
+
+
+@pytest.mark.slow
+def test_across_ranks_a_signal_to_one_stops_all_at_one_step_without_host_reads(tmp_path):
+    from tests.conftest import run_deepspeed_ranks
+
+    outputs = run_deepspeed_ranks(TWO_RANKS, [str(tmp_path)], world_size=2)
+    results = [next(line for line in out.splitlines() if line.startswith("RESULT")) for out in outputs]
+    # Each decision acts one step after the step it was raised at: due at the end of step 4 -> saved at step 5;
+    # signalled during step 7 -> saved at step 8, and the run stops before step 9 (SIGUSR1's 138 on the rank that
+    # got it, SIGTERM's 143 on the other). No collective is read on the host at a step boundary.
+    for rank, (status, result) in enumerate(zip((143, 138), results)):
+        assert result == f"RESULT rank={rank} status={status} saved=[5, 8] reads=[]", "\n".join(outputs)
+    assert torch.load(tmp_path / "last.ckpt", weights_only=True)["global_step"] == 8
