@@ -31,10 +31,11 @@ decision one step later (log, skip_step), when it has long been computed; rollba
 own step, waiting for the backward pass but not for the optimizer step queued behind it, so that no checkpoint
 is written after a spike it has not seen.
 
-DDP: the loss is all-reduced (mean) and the gradients are already, so every rank computes the same score and
-takes the same decision. DeepSpeed: gradients are partitioned, so the decision is taken inside DeepSpeed's
-step, in a step pre-hook of the wrapped torch optimizer, from the global norm DeepSpeed has just computed
-(`_global_grad_norm`; it reports a NaN/inf norm as -1); the skip then works as above on that optimizer.
+DDP: the loss is all-reduced (mean; no barrier before it, unlike Lightning's strategy.reduce) and the gradients
+are already, so every rank computes the same score and takes the same decision. DeepSpeed: gradients are
+partitioned, so the decision is taken inside DeepSpeed's step, in a step pre-hook of the wrapped torch optimizer,
+from the global norm DeepSpeed has just computed (`_global_grad_norm`; it reports a NaN/inf norm as -1); the skip
+then works as above on that optimizer.
 Rollback restores through the strategy (Lightning's loaders, or DeepSpeed's engine for ZeRO folders).
 
 SpikeDetector must come after the monitors in the callback list (checked at setup): a rollback at the end of a
@@ -57,6 +58,7 @@ from torch import Tensor
 from llmtrain.callbacks.stability import PREFIX, AttentionMonitor, LogitMonitor, WeightMonitor, is_deepspeed
 from llmtrain.compat import (deepspeed_global_grad_norm, rewind_optimizer_steps, set_found_inf,
                              takes_step_tensors, torch_optimizer)
+from llmtrain.training.agreement import mean_over_ranks
 from llmtrain.training.step_log import log_step
 
 ACTIONS = ("log", "skip_step", "rollback")
@@ -226,7 +228,7 @@ class SpikeDetector(pl.Callback):
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
         if self._loss is None:
             return
-        loss = trainer.strategy.reduce(self._loss, reduce_op="mean")  # the same value on every rank
+        loss = mean_over_ranks(trainer, self._loss)  # the same value on every rank
         self._loss = None
         if is_deepspeed(trainer):
             self._deepspeed_loss = (trainer, loss)

@@ -1,4 +1,4 @@
-"""Step-boundary decisions that every rank takes together (save now? stop now?), agreed without stalling the GPU.
+"""What ranks agree on at every step (save now? stop now? the step's mean loss) without stalling the GPU.
 
 Reading a collective's result on the host right after launching it (Lightning's reduce_boolean_decision and
 broadcast, which its ModelCheckpoint time trigger and its SIGTERM check run at every step) waits for everything the
@@ -57,3 +57,13 @@ class StepAgreement:
         if event is not None:
             event.synchronize()  # up to this copy only: the GPU keeps the work queued after it
         return bool(host.item())
+
+
+def mean_over_ranks(trainer: pl.Trainer, value: torch.Tensor) -> torch.Tensor:
+    """The mean of `value` over all ranks, left on the device. Not Lightning's strategy.reduce: it runs a barrier
+    before every all-reduce, and NCCL's barrier synchronizes the host with the GPU's queue."""
+    if trainer.world_size == 1 or not (dist.is_available() and dist.is_initialized()):
+        return value
+    total = value.clone()
+    dist.all_reduce(total, op=dist.ReduceOp.SUM)
+    return total / trainer.world_size
