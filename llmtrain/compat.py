@@ -51,23 +51,6 @@ def tensorboard_file_writer(writer: "SummaryWriter") -> Any:
 # ------------------------------------------------------------------------ ModelCheckpoint (PeriodicCheckpoint)
 
 
-def take_over_sigterm(trainer: "pl.Trainer") -> None:
-    """For a callback that replaced the Trainer's SIGTERM handler and stops at step boundaries itself: clears the
-    Trainer's flag (set by a SIGTERM before training started, on which Lightning's loops would stop this rank alone)
-    and turns off the loop's per-step broadcast of it (`_TrainingEpochLoop._broadcast_sigterm_tensor`, under
-    torch.distributed: a collective read on the host at every batch start, which drains the GPU's queue). With the
-    handler replaced the flag stays False, so that broadcast would only ever carry 0."""
-    trainer._signal_connector.received_sigterm = False
-    loop = trainer.fit_loop.epoch_loop
-    if hasattr(loop, "_broadcast_sigterm_tensor"):
-        loop._broadcast_sigterm_tensor = lambda: None
-
-
-def restore_sigterm_broadcast(trainer: "pl.Trainer") -> None:
-    """Undoes take_over_sigterm's instance override (a later fit of this Trainer may run without the callback)."""
-    vars(trainer.fit_loop.epoch_loop).pop("_broadcast_sigterm_tensor", None)
-
-
 def save_checkpoint_now(callback: "ModelCheckpoint", trainer: "pl.Trainer") -> None:
     """A save of the current step through ModelCheckpoint's own path (top-k rotation, then `last`), unless this
     step was saved already (`_should_skip_saving_checkpoint`, `_save_topk_checkpoint`, `_save_last_checkpoint`)."""
@@ -76,6 +59,20 @@ def save_checkpoint_now(callback: "ModelCheckpoint", trainer: "pl.Trainer") -> N
     candidates = callback._monitor_candidates(trainer)
     callback._save_topk_checkpoint(trainer, candidates)
     callback._save_last_checkpoint(trainer, candidates)
+
+
+# --------------------------------------------------------------------------- Lightning's DDP wrapper (module)
+
+
+def ddp_wrapper_kwargs(strategy: Any) -> Optional[dict[str, Any]]:
+    """The keyword arguments a plain DDPStrategy hands to DistributedDataParallel when it wraps the model
+    (`_ddp_kwargs`, read at the wrap): defaults added here before it count. None for any other strategy (DeepSpeed's
+    subclasses DDPStrategy but wraps nothing in DDP)."""
+    from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy
+
+    if not isinstance(strategy, DDPStrategy) or isinstance(strategy, DeepSpeedStrategy):
+        return None
+    return strategy._ddp_kwargs
 
 
 # ------------------------------------------------------------------------------ DeepSpeed's engine (ZeroStrategy)
@@ -106,6 +103,23 @@ def set_handlers_restored_after_fit(trainer: "pl.Trainer", handlers: dict[int, A
     handlers before that registration, so the Trainer would otherwise re-install them after a fit that ends with an
     exception (the teardown hooks, which undo them, do not run then), leaving later signals swallowed."""
     trainer._signal_connector._original_handlers.update(handlers)
+
+
+def take_over_sigterm(trainer: "pl.Trainer") -> None:
+    """For a callback that replaced the Trainer's SIGTERM handler and stops at step boundaries itself: clears the
+    Trainer's flag (set by a SIGTERM before training started, on which Lightning's loops would stop this rank alone)
+    and turns off the loop's per-step broadcast of it (`_TrainingEpochLoop._broadcast_sigterm_tensor`, under
+    torch.distributed: a collective read on the host at every batch start, which drains the GPU's queue). With the
+    handler replaced the flag stays False, so that broadcast would only ever carry 0."""
+    trainer._signal_connector.received_sigterm = False
+    loop = trainer.fit_loop.epoch_loop
+    if hasattr(loop, "_broadcast_sigterm_tensor"):
+        loop._broadcast_sigterm_tensor = lambda: None
+
+
+def restore_sigterm_broadcast(trainer: "pl.Trainer") -> None:
+    """Undoes take_over_sigterm's instance override (a later fit of this Trainer may run without the callback)."""
+    vars(trainer.fit_loop.epoch_loop).pop("_broadcast_sigterm_tensor", None)
 
 
 # ------------------------------------------------------------------ Lightning's optimizer-step counter (rollback)

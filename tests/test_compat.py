@@ -86,6 +86,15 @@ def test_take_over_sigterm_clears_the_flag_and_stops_the_per_step_broadcast() ->
     assert loop._broadcast_sigterm_tensor.__func__ is type(loop)._broadcast_sigterm_tensor
 
 
+def test_ddp_wrapper_kwargs_are_the_ones_the_strategy_wraps_with() -> None:
+    from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, SingleDeviceStrategy
+
+    kwargs = compat.ddp_wrapper_kwargs(DDPStrategy(bucket_cap_mb=10))
+    assert kwargs == {"bucket_cap_mb": 10}, f"lightning {pl.__version__}: DDPStrategy._ddp_kwargs changed"
+    assert compat.ddp_wrapper_kwargs(SingleDeviceStrategy("cpu")) is None
+    assert compat.ddp_wrapper_kwargs(DeepSpeedStrategy.__new__(DeepSpeedStrategy)) is None
+
+
 def test_save_checkpoint_now_saves_the_current_step_once_and_moves_last(tmp_path) -> None:
     checkpoint = ModelCheckpoint(dirpath=tmp_path, filename="{step}", every_n_train_steps=2, save_top_k=2,
                                  monitor="step", mode="max", save_last="link")

@@ -12,8 +12,8 @@ import torch
 
 from llmtrain.checkpointing.hf_import import load_initial_weights
 from llmtrain.checkpointing.save import refuse_nonfinite_weights
-from llmtrain.compat import (checkpoint_wrapper, compile_mode_options, set_grad_scale, should_accumulate,
-                             takes_step_tensors, torch_optimizer)
+from llmtrain.compat import (checkpoint_wrapper, compile_mode_options, ddp_wrapper_kwargs, set_grad_scale,
+                             should_accumulate, takes_step_tensors, torch_optimizer)
 from llmtrain.model import ConfigError, Decoder, ModelConfig
 from llmtrain.training.loss import cross_entropy_and_z
 from llmtrain.training.optim import OptimConfig, ScheduleLR, build_optimizer
@@ -285,6 +285,14 @@ class LanguageModel(pl.LightningModule):
         check = getattr(datamodule, "check_vocab", None)
         if check is not None:
             check(self.config.vocab_size)
+        ddp = ddp_wrapper_kwargs(self.trainer.strategy)
+        if ddp is not None:  # before the strategy wraps the model; what a config sets (init_args) is kept
+            # Gradients as views into DDP's all-reduce buckets: no copy of every gradient into the buckets and back
+            # each step, and no second gradient-sized buffer (4 bytes per parameter in memory).
+            ddp.setdefault("gradient_as_bucket_view", True)
+            # The buffers (RoPE tables, ALiBi slopes) are computed from the config on every rank: nothing to
+            # broadcast from rank 0 before every forward.
+            ddp.setdefault("broadcast_buffers", False)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         refuse_nonfinite_weights(self.trainer, self.model)  # before anything is written, on every rank

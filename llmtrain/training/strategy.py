@@ -1,6 +1,7 @@
 """DeepSpeed ZeRO from config: a unit-tested config builder and a strategy whose folder checkpoints are atomic.
 
-DDP needs nothing of ours: `trainer.strategy: ddp` (gloo on CPU, NCCL on GPU). ZeRO is
+DDP needs no class of ours: `trainer.strategy: ddp` (gloo on CPU, NCCL on GPU; LanguageModel.setup gives its wrapper
+gradient bucket views and no buffer broadcast). ZeRO is
 `trainer.strategy: {class_path: llmtrain.training.strategy.ZeroStrategy, init_args: {stage: 2}}`
 (configs/deepspeed/zero{1,2,3}.yaml). Lightning adds bf16, micro-batch size, gradient accumulation and
 gradient clipping to the DeepSpeed config from the Trainer's own arguments.

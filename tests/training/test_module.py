@@ -199,3 +199,43 @@ def test_a_fit_clipping_in_the_fused_step_trains_as_one_clipping_first(monkeypat
         weights.append(model.model.state_dict())
     for name, value in weights[0].items():
         torch.testing.assert_close(value, weights[1][name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+# Two gloo ranks: the DDP wrapper gets gradient_as_bucket_view and no buffer broadcast by default, a strategy's own
+# settings are kept, and the settings change no number (the same weights after 4 steps, each rank on its own data).
+DDP_DEFAULTS = r"""
+import hashlib, os, torch
+import lightning.pytorch as pl
+from lightning.pytorch.strategies import DDPStrategy
+from llmtrain.training.module import LanguageModel
+from llmtrain.training.optim import OptimConfig
+from tests.callbacks import random_batches, tiny_config
+
+rank = int(os.environ["RANK"])
+
+class Wrapper(pl.Callback):
+    def on_train_start(self, trainer, pl_module):
+        self.ddp = trainer.strategy.model  # the DistributedDataParallel wrapper while training
+
+for name, strategy in (("defaults", "ddp"), ("given", DDPStrategy(gradient_as_bucket_view=False,
+                                                                   broadcast_buffers=True))):
+    torch.manual_seed(0)
+    model = LanguageModel(tiny_config(), OptimConfig(warmup_steps=1, total_steps=8), z_loss_coef=1e-4)
+    trainer = pl.Trainer(accelerator="cpu", devices=2, strategy=strategy, max_steps=4, logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                         gradient_clip_val=1.0, callbacks=[wrapper := Wrapper()])
+    trainer.fit(model, torch.utils.data.DataLoader(random_batches(4, seed=rank), batch_size=None))
+    ddp = wrapper.ddp
+    digest = hashlib.sha256(b"".join(p.detach().numpy().tobytes() for p in model.parameters())).hexdigest()[:16]
+    print(f"RESULT {name} views={ddp.gradient_as_bucket_view} broadcast={ddp.broadcast_buffers} {digest}", flush=True)
+"""
+
+
+@pytest.mark.slow
+def test_under_ddp_gradients_are_bucket_views_and_buffers_are_not_broadcast():
+    from tests.conftest import run_deepspeed_ranks
+
+    for output in run_deepspeed_ranks(DDP_DEFAULTS, [], world_size=2):
+        defaults, given = [line.split() for line in output.splitlines() if line.startswith("RESULT")]
+        assert defaults[2:4] == ["views=True", "broadcast=False"] and given[2:4] == ["views=False", "broadcast=True"]
+        assert defaults[4] == given[4], output  # bitwise the same training
