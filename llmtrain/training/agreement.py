@@ -33,7 +33,7 @@ class StepAgreement:
         self._pending = None
 
     def submit(self, trainer: pl.Trainer, flag: bool) -> bool:
-        if trainer.world_size == 1 or not (dist.is_available() and dist.is_initialized()):
+        if not _across_processes(trainer):
             return flag
         agreed = self._read()
         # torch.full puts the value in the kernel's arguments: no copy from pageable host memory (which would sync)
@@ -62,8 +62,12 @@ class StepAgreement:
 def mean_over_ranks(trainer: pl.Trainer, value: torch.Tensor) -> torch.Tensor:
     """The mean of `value` over all ranks, left on the device. Not Lightning's strategy.reduce: it runs a barrier
     before every all-reduce, and NCCL's barrier synchronizes the host with the GPU's queue."""
-    if trainer.world_size == 1 or not (dist.is_available() and dist.is_initialized()):
+    if not _across_processes(trainer):
         return value
     total = value.clone()
     dist.all_reduce(total, op=dist.ReduceOp.SUM)
     return total / trainer.world_size
+
+
+def _across_processes(trainer: pl.Trainer) -> bool:
+    return trainer.world_size > 1 and dist.is_available() and dist.is_initialized()
