@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from datetime import timedelta
 from typing import Any, Optional
 
 import lightning.pytorch as pl
@@ -45,6 +46,15 @@ class PeriodicCheckpoint(ModelCheckpoint):
         self._agreement = StepAgreement()
         self._since_save = 0.0  # rank 0's clock: the last save, or the start of training
         self._step_submitted = -1
+
+    @property
+    def state_key(self) -> str:
+        """The key of this callback's state in a checkpoint, with the time trigger in it as when ModelCheckpoint held
+        it: a checkpoint written before keeps its rotation state (the `keep` newest, `last`) on resume."""
+        return self._generate_state_key(
+            monitor=self.monitor, mode=self.mode, every_n_train_steps=self._every_n_train_steps,
+            every_n_epochs=self._every_n_epochs,
+            train_time_interval=timedelta(minutes=self.every_minutes) if self.every_minutes else None)
 
     def on_train_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         super().on_train_start(trainer, pl_module)

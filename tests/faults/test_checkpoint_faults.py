@@ -256,6 +256,15 @@ def test_the_time_trigger_saves_the_step_it_is_due_at_on_one_process(tmp_path: P
     assert counter.steps == [4, 7]  # due at the end of step 4 (global_step 3 -> 4), then the end of the fit
 
 
+def test_the_state_key_is_the_one_earlier_checkpoints_were_written_under() -> None:
+    """Lightning files a callback's state in a checkpoint under its state_key; with another key a resumed run loses
+    which checkpoints to rotate away. This is the key of the shipped configs' PeriodicCheckpoint in checkpoints
+    written while ModelCheckpoint's own time trigger held `every_minutes`."""
+    key = PeriodicCheckpoint(every_n_steps=1000, every_minutes=30, keep=3).state_key
+    assert key == ("PeriodicCheckpoint{'monitor': 'step', 'mode': 'max', 'every_n_train_steps': 1000, "
+                   "'every_n_epochs': 0, 'train_time_interval': datetime.timedelta(seconds=1800)}")
+
+
 @pytest.mark.slow
 def test_under_ddp_the_step_a_fit_ends_at_is_saved(prepared_corpus, tmp_path: Path) -> None:
     """Two gloo ranks through the real CLI and the shipped config: saves at 4 (periodic) and 6 (the end), not again."""
