@@ -45,7 +45,7 @@ def test_tensorboard_prefix_and_file_writer_write_one_event(tmp_path) -> None:
         {"a": [(7, 1.0)], "b": [(7, 2.0)]}, f"torch {torch.__version__}: SummaryWriter._get_file_writer changed"
 
 
-# ------------------------------------------------- the SIGTERM flag, ModelCheckpoint's save path, DeepSpeed
+# ------------------------------------- the SIGTERM flag, DDP's wrapper arguments, ModelCheckpoint's save path, DeepSpeed
 
 from types import SimpleNamespace  # noqa: E402
 
