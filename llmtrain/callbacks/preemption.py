@@ -93,17 +93,24 @@ class PreemptionCheckpoint(Callback):
         self._received, self._saved = None, None
         self._install()
 
+    def on_sanity_check_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        self._take_over_signals(trainer)  # the sanity check may compile for minutes: no Lightning handler meanwhile
+
     def on_train_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
-        # The Trainer has meanwhile wrapped SIGTERM with its own notifier, which runs a collective inside the
-        # handler: ours replaces it. On every way out, exceptions included, the Trainer's teardown (the last thing to
-        # run) re-installs the handlers it found when it registered, i.e. ours: make those the originals instead.
+        self._take_over_signals(trainer)
+        self._last_global_step = trainer.global_step
+        self._agreement.reset()
+
+    def _take_over_signals(self, trainer: "pl.Trainer") -> None:
+        # The Trainer registers its own SIGTERM notifier right before the sanity check (and training), wrapping ours;
+        # it runs a collective inside the handler, on whichever rank got the signal: ours replaces it. On every way
+        # out, exceptions included, the Trainer's teardown (the last thing to run) re-installs the handlers it found
+        # when it registered, i.e. ours: make those the originals instead.
         for name in self.signals:
             signal.signal(SIGNALS[name], self._record)
         set_handlers_restored_after_fit(trainer, self._original_handlers)
         if "SIGTERM" in self.signals:
             take_over_sigterm(trainer)
-        self._last_global_step = trainer.global_step
-        self._agreement.reset()
 
     def teardown(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
         if stage == "fit":

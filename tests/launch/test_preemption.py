@@ -169,15 +169,30 @@ class SignalAtValidation(Callback):
             os.kill(os.getpid(), signal.SIGTERM)
 
 
-def test_sigterm_in_the_sanity_check_saves_nothing_and_never_exits_0(tmp_path):
-    """Lightning's evaluation loop stops on the Trainer's own SIGTERM flag with SystemExit(None), status 0."""
+def test_sigterm_during_the_sanity_check_saves_at_the_first_step(tmp_path):
+    """Lightning's notifier, had it stayed installed through the sanity check (where compiling may take minutes),
+    would stop its evaluation loop with SystemExit(None): status 0 and nothing saved."""
+    checkpoints = tmp_path / "checkpoints"
     with pytest.raises(SIGTERMException) as stopped:
         Trainer(default_root_dir=tmp_path, max_steps=10, accelerator="cpu", devices=1, logger=False,
                 enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=2,
-                callbacks=[ModelCheckpoint(dirpath=tmp_path / "checkpoints", save_last=True), PreemptionCheckpoint(),
+                callbacks=[ModelCheckpoint(dirpath=checkpoints, save_last=True), PreemptionCheckpoint(),
                            SignalAtValidation()]).fit(BoringModel())
     assert stopped.value.code == 143
-    assert not (tmp_path / "checkpoints").exists()
+    assert torch.load(checkpoints / "last.ckpt", weights_only=True)["global_step"] == 1
+
+
+def test_a_stop_without_a_status_after_a_signal_gets_128_plus_the_signal():
+    """Lightning's own loops stop on its SIGTERM flag with SystemExit(None) (status 0); a signal that reached it before
+    the callback took over still exits 143, saved or not."""
+    callback = PreemptionCheckpoint()
+    try:
+        callback._record(signal.SIGTERM, None)
+        stop = SIGTERMException()
+        callback.on_exception(None, None, stop)
+        assert stop.code == 143
+    finally:
+        callback._restore()
 
 
 # Two gloo ranks (launched as torchrun would): rank 0's clock makes the time trigger due after step 3 and SIGUSR1
