@@ -1,5 +1,7 @@
 r"""Training throughput on one GPU: a plain-PyTorch loop, litgpt, torchtitan and OLMo-core in the same loop, and
-`llmtrain fit`, each row at the same shape, micro-batch and precision (the same recipe).
+`llmtrain fit`, each row at the same shape, micro-batch and precision (the same recipe). With --devices N the llmtrain
+rows train on N GPUs under DDP (the loops stay on one; such rows have no 'vs loop'), e.g. to measure the lever
+hostreads: the per-step host reads of distributed runs that llmtrain.training.agreement removed, put back.
 
 Rows, per shape (124m 768/12/12 mb16, 350m 1024/24/16 mb8, 1b 2048/16/16 mb4; vocab 32000, sequence 2048):
   baseline    the reference loop, written out below (Llama-style decoder in plain PyTorch: RMSNorm, SwiGLU, RoPE, no
@@ -44,6 +46,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import signal
 import subprocess
 import sys
@@ -83,6 +86,8 @@ LEVERS = {
     "cudagraphs": "compiled region replayed as CUDA graphs (model.compile_mode: reduce-overhead)",
     "layernorm": "LayerNorm (no bias) instead of RMSNorm: what the norm costs, at the same recipe (a model change, "
                  "compared with llmtrain shipped)",
+    "hostreads": "the four collectives each step of a distributed run read on the host up to commit fb33749, put back "
+                 "(benchmarks/host_reads.py): what they cost, with --devices > 1 (on one device it changes nothing)",
 }
 MICRO_BATCH_LEVERS = {"mb2x": 2, "mb4x": 4, "mb6x": 6}  # lever -> factor on the shape's micro-batch
 # Levers of the loop rows (--baseline_variants): the micro-batch levers, float8, torchtitan's maskless attention, and
@@ -121,8 +126,8 @@ def row_levers(r: dict) -> tuple[str, ...]:
 
 
 def recipe(r: dict) -> tuple:
-    """What a row trains per step and at what precision; rows of one recipe are compared ('same recipe')."""
-    return r["shape"], r["micro_batch"], "fp8" in row_levers(r)
+    """What a row trains per step, on how many devices and at what precision; rows of one recipe are compared."""
+    return r["shape"], r["micro_batch"], "fp8" in row_levers(r), r.get("devices", 1)
 
 
 def micro_batch_factor(levers: tuple[str, ...]) -> int:
@@ -351,6 +356,8 @@ def llmtrain_config(shape: str, args: argparse.Namespace, levers: tuple[str, ...
     if args.profile:  # after the timed window: where the time of a step goes
         callbacks.append({"class_path": "llmtrain.callbacks.StepProfiler", "init_args": {
             "start_step": steps, "num_steps": args.profile, "output": str(args.out / f"profile_{name}.md")}})
+    if "hostreads" in levers:  # importable from the fit's subprocess: run_llmtrain puts benchmarks/ on its path
+        callbacks.append({"class_path": "host_reads.PerStepHostReads"})
     if args.profile_monitored and "nostab" not in levers:  # first in the list: its window takes in the probes
         callbacks.insert(0, {"class_path": "llmtrain.callbacks.StepProfiler", "init_args": {
             "start_step": monitored_step(args), "num_steps": 1,
@@ -390,9 +397,10 @@ def run_llmtrain(shape: str, micro_batch: int, levers: tuple[str, ...], args: ar
         cmd += ["--model.compile_mode", "reduce-overhead"]
     if "layernorm" in levers:
         cmd += ["--model.config.norm", "layernorm"]
+    cmd += ["--trainer.devices", str(args.devices), *(["--trainer.strategy", "ddp"] if args.devices > 1 else [])]
     if args.tiny:
         d, layers, heads, _, _ = SHAPES["tiny"]
-        cmd += ["--trainer.accelerator", "cpu", "--trainer.devices", "1", "--trainer.precision", "32-true",
+        cmd += ["--trainer.accelerator", "cpu", "--trainer.precision", "32-true",
                 "--model.config.d_model", str(d), "--model.config.n_layer", str(layers),
                 "--model.config.n_head", str(heads), "--model.config.ffn_multiple_of", "64",
                 "--model.config.max_seq_len", str(TINY_SEQ), "--data.seq_len", str(TINY_SEQ),
@@ -407,7 +415,7 @@ def run_llmtrain(shape: str, micro_batch: int, levers: tuple[str, ...], args: ar
         f.write(f"\n$ {' '.join(cmd)}\n")
         f.flush()
         try:
-            code = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=REPO).returncode
+            code = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=REPO, env=fit_env()).returncode
         except Stopped:  # the fit may have written its timed window before the signal: keep it if so
             result = llmtrain_result(run_dir, micro_batch, args)
             if "failed" in result:
@@ -416,6 +424,12 @@ def run_llmtrain(shape: str, micro_batch: int, levers: tuple[str, ...], args: ar
     if code != 0:
         return {"failed": f"llmtrain fit exited with {code}; see {log}"}
     return llmtrain_result(run_dir, micro_batch, args)
+
+
+def fit_env() -> dict[str, str]:
+    """The environment of an llmtrain row's fit: this one, with benchmarks/ importable (the hostreads callback)."""
+    path = os.pathsep.join(p for p in (str(REPO / "benchmarks"), os.environ.get("PYTHONPATH")) if p)
+    return {**os.environ, "PYTHONPATH": path}
 
 
 def llmtrain_result(run_dir: Path, micro_batch: int, args: argparse.Namespace) -> dict:
@@ -430,7 +444,7 @@ def llmtrain_result(run_dir: Path, micro_batch: int, args: argparse.Namespace) -
     seq = TINY_SEQ if args.tiny else SEQ
     mem = scalars.get("train/gpu_mem_peak_gib", {})
     loss = scalars.get("train/loss", {})
-    return {"tokens_per_sec": tokens_per_sec, "step_ms": 1e3 * micro_batch * seq / tokens_per_sec,
+    return {"tokens_per_sec": tokens_per_sec, "step_ms": 1e3 * micro_batch * seq * args.devices / tokens_per_sec,
             "peak_gib": max(mem.values()) if mem else None, "final_loss": loss[max(loss)] if loss else None}
 
 
@@ -521,7 +535,7 @@ def result_rows(results: list[dict], ceiling: Optional[float], tiny: bool) -> li
         if "tokens_per_sec" not in r:
             lines.append(f"{head} {r.get('skipped') or r.get('failed')} | | | | | |")
             continue
-        flops = r["tokens_per_sec"] * r["flops_per_token"]
+        flops = r["tokens_per_sec"] * r["flops_per_token"] / r.get("devices", 1)  # per device
         mfu = None if tiny else 100 * flops / DATASHEET_BF16
         measured = None if tiny or not ceiling else 100 * flops / ceiling
         lines.append(f"{head} {r['tokens_per_sec']:,.0f} | {fmt(mfu, '.1f')}{'%' if mfu else ''} "
@@ -578,6 +592,9 @@ def main() -> None:
     parser.add_argument("--baseline_variants", nargs="+", default=["shipped"],
                         help=f"loop rows (baseline, litgpt, torchtitan, olmo_core): 'shipped' or levers joined by '+' "
                              f"({', '.join(LOOP_LEVERS)})")
+    parser.add_argument("--devices", type=int, default=1,
+                        help="llmtrain rows: train on this many devices (DDP; tokens/s counts all of them, MFU is per "
+                             "device); the loop rows stay on one")
     parser.add_argument("--row_timeout", type=float, default=None, help="seconds one loop row may take (default: none)")
     parser.add_argument("--no_ceiling", action="store_true", help="skip measuring the bf16 matmul ceiling")
     parser.add_argument("--profile", type=int, default=0, metavar="N",
@@ -597,6 +614,8 @@ def main() -> None:
         parse_variant(variant)
     for variant in args.baseline_variants:
         parse_variant(variant, LOOP_LEVERS, "--baseline_variants")
+    if args.devices < 1:
+        parser.error(f"--devices {args.devices}: must be at least 1")
     if "tiny" in args.shapes and not args.tiny:
         parser.error("shape 'tiny' is the CPU smoke test: use --tiny")
     shapes = ["tiny"] if args.tiny else args.shapes
@@ -625,7 +644,9 @@ def main() -> None:
         cfg = model_config(shape, args.vocab_size, TINY_SEQ if args.tiny else SEQ)
         levers = parse_variant(variant) if impl == "llmtrain" else parse_variant(variant, LOOP_LEVERS)
         micro_batch = (args.micro_batch_size or SHAPES[shape][3]) * micro_batch_factor(levers)
+        devices = args.devices if impl == "llmtrain" else 1
         label = impl if variant == "shipped" else f"{impl} ({variant})"
+        label += f", {devices} devices" if devices > 1 else ""
         print(f"[throughput] {shape} {label} (micro-batch {micro_batch}, {args.steps} steps)...", flush=True)
         start = time.time()
         try:
@@ -633,7 +654,7 @@ def main() -> None:
                  else run_worker(impl, shape, micro_batch, variant, args))
         except Stopped:  # an llmtrain row that logged its timed window is kept by run_llmtrain
             r = {"failed": "stopped (SIGTERM) before the row finished", "stopped": True}
-        r.update(shape=shape, impl=impl, variant=variant, label=label, micro_batch=micro_batch,
+        r.update(shape=shape, impl=impl, variant=variant, label=label, micro_batch=micro_batch, devices=devices,
                  wall_s=round(time.time() - start, 1), flops_per_token=cfg.flops_per_token(cfg.max_seq_len))
         print(f"[throughput]   {json.dumps(r)}", flush=True)
         results.append(r)

@@ -128,3 +128,23 @@ def test_torchtitan_gets_a_stand_in_for_the_one_fsdp_name_torch_2_11_lacks(monke
     from torch.distributed.fsdp import DataParallelMeshDims  # what torchtitan.distributed.fsdp imports
 
     assert (DataParallelMeshDims | None) is not None  # its signatures evaluate `DataParallelMeshDims | None`
+
+
+@pytest.mark.slow
+def test_llmtrain_rows_on_two_devices_with_the_host_reads_put_back(prepared_corpus, tmp_path):
+    """The script end to end on CPU (two gloo ranks per llmtrain row): the hostreads lever's callback is built into
+    the fit and changes no number; the rows are labelled with their devices."""
+    import json
+    import subprocess
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "throughput.py"
+    subprocess.run([sys.executable, str(script), "--tiny", "--only", "llmtrain", "--devices", "2",
+                    "--variants", "shipped", "hostreads", "--steps", "8", "--warmup", "2", "--data_dir",
+                    str(prepared_corpus["shards"]), "--vocab_size", "320",
+                    "--out", str(tmp_path)], check=True, capture_output=True, timeout=600)
+    shipped, hostreads = json.loads((tmp_path / "throughput.json").read_text())
+    assert [shipped["label"], hostreads["label"]] == ["llmtrain, 2 devices", "llmtrain (hostreads), 2 devices"]
+    assert shipped["final_loss"] == hostreads["final_loss"]
+    # In the fit's config, whose callbacks the CLI builds (an import failure would fail the row).
+    assert "host_reads.PerStepHostReads" in (tmp_path / "llmtrain_tiny_hostreads.yaml").read_text()
+    assert "| llmtrain (hostreads), 2 devices | 8 | bf16 |" in (tmp_path / "throughput.md").read_text()
