@@ -145,41 +145,33 @@ def test_submit_adds_the_callback_only_to_a_config_without_it(tmp_path):
 
 
 class SignalAtSanityCheck(Callback):
-    """SIGTERM while the Trainer's own handler is installed too (after it registered, before training starts)."""
+    """SIGTERM as the sanity check starts, after the Trainer registered its own handler."""
 
     def on_sanity_check_start(self, trainer, pl_module) -> None:
         os.kill(os.getpid(), signal.SIGTERM)
 
 
-def test_sigterm_before_training_starts_saves_at_the_first_step_and_never_exits_0(tmp_path, capfd):
-    checkpoints = tmp_path / "checkpoints"
-    with pytest.raises(SIGTERMException) as stopped:
-        Trainer(default_root_dir=tmp_path, max_steps=10, accelerator="cpu", devices=1, logger=False,
-                enable_progress_bar=False, enable_model_summary=False, limit_val_batches=1,
-                callbacks=[ModelCheckpoint(dirpath=checkpoints, save_last=True), PreemptionCheckpoint(),
-                           SignalAtSanityCheck()]).fit(BoringModel())
-    assert stopped.value.code == 143  # Lightning's own SIGTERM exit carries no code: status 0
-    assert torch.load(checkpoints / "last.ckpt", weights_only=True)["global_step"] == 1
-    assert "exit status 143 (saved, resumable)" in capfd.readouterr().err
-
-
 class SignalAtValidation(Callback):
+    """SIGTERM during the sanity check's first batch, where Lightning's evaluation loop would stop on it."""
+
     def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
         if batch_idx == 0:
             os.kill(os.getpid(), signal.SIGTERM)
 
 
-def test_sigterm_during_the_sanity_check_saves_at_the_first_step(tmp_path):
-    """Lightning's notifier, had it stayed installed through the sanity check (where compiling may take minutes),
-    would stop its evaluation loop with SystemExit(None): status 0 and nothing saved."""
+@pytest.mark.parametrize("signaller", [SignalAtSanityCheck, SignalAtValidation], ids=["at-its-start", "during-it"])
+def test_sigterm_in_the_sanity_check_saves_at_the_first_step_and_never_exits_0(tmp_path, capfd, signaller):
+    """With Lightning's notifier still installed there (the sanity check may compile for minutes), its evaluation
+    loop stopped the run with SystemExit(None): status 0, nothing saved."""
     checkpoints = tmp_path / "checkpoints"
     with pytest.raises(SIGTERMException) as stopped:
         Trainer(default_root_dir=tmp_path, max_steps=10, accelerator="cpu", devices=1, logger=False,
                 enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=2,
                 callbacks=[ModelCheckpoint(dirpath=checkpoints, save_last=True), PreemptionCheckpoint(),
-                           SignalAtValidation()]).fit(BoringModel())
+                           signaller()]).fit(BoringModel())
     assert stopped.value.code == 143
     assert torch.load(checkpoints / "last.ckpt", weights_only=True)["global_step"] == 1
+    assert "exit status 143 (saved, resumable)" in capfd.readouterr().err
 
 
 def test_a_stop_without_a_status_after_a_signal_gets_128_plus_the_signal():
