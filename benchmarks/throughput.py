@@ -20,7 +20,8 @@ clip (gradient clipping at norm 1.0, which llmtrain's configs do and the plain l
 'vs loop' is always against the baseline row of the same shape, micro-batch and precision; a lever that changes the
 micro-batch is its own row against the loop at that micro-batch.
 With --profile N, every row also profiles N steps after its timed window (StepProfiler's report, the loop rows
-through the same function: profile_<row>.md), so the rows' kernel time can be compared category by category.
+through the same function: profile_<row>.md), so the rows' kernel time can be compared category by category, and
+traces N more with kernel activity only for the report's device timeline (where the GPU waits for the host).
 Every row runs in its own subprocess (fresh compile caches, its own peak-memory counter). The first --warmup steps
 (compile, allocator) are excluded; the timed window is steps warmup+1..steps.
 SIGTERM (e.g. `timeout 540`) ends the script early but still writes the table of the rows done, and keeps an
@@ -296,16 +297,25 @@ def loop(impl: str, shape: str, micro_batch: int, steps: int, warmup: int, vocab
               "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
               "final_loss": loss.item(), "params": n_params, "settings": settings}
     if profile and profile_path is not None:  # after the timed window, as the llmtrain rows' StepProfiler
-        from llmtrain.callbacks.profile import profile_report
+        from llmtrain.callbacks.profile import profile_report, timeline_lines
 
-        activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])
-        with torch.profiler.profile(activities=activities, record_shapes=True) as prof:
-            start = clock()
-            for _ in range(profile):
-                step()
-            wall_us = (clock() - start) * 1e6
+        def traced(activities: list) -> tuple[torch.profiler.profile, float]:
+            shapes = torch.profiler.ProfilerActivity.CPU in activities
+            with torch.profiler.profile(activities=activities, record_shapes=shapes) as prof:
+                start = clock()
+                for _ in range(profile):
+                    step()
+                return prof, (clock() - start) * 1e6
+
+        cuda_activity = torch.profiler.ProfilerActivity.CUDA
+        prof, wall_us = traced([torch.profiler.ProfilerActivity.CPU] + ([cuda_activity] if cuda else []))
+        timeline = None
+        if cuda:  # the next steps traced with kernel activity only, as StepProfiler's second window
+            kernel_trace, kernel_wall_us = traced([cuda_activity])
+            timeline = timeline_lines(kernel_trace, profile, kernel_wall_us)
         profile_path.write_text(profile_report(prof.key_averages(), profile, wall_us,
-                                               by_shape=prof.key_averages(group_by_input_shape=True)))
+                                               by_shape=prof.key_averages(group_by_input_shape=True),
+                                               timeline=timeline))
     return result
 
 
@@ -372,11 +382,17 @@ def llmtrain_config(shape: str, args: argparse.Namespace, levers: tuple[str, ...
 
 def monitored_step(args: argparse.Namespace) -> int:
     """The first step the stability monitors run at (every MONITOR_INTERVAL) after the timed and profiled steps."""
-    return (args.steps + args.profile) // MONITOR_INTERVAL * MONITOR_INTERVAL + MONITOR_INTERVAL
+    return (args.steps + profiled_steps(args)) // MONITOR_INTERVAL * MONITOR_INTERVAL + MONITOR_INTERVAL
+
+
+def profiled_steps(args: argparse.Namespace) -> int:
+    """The steps StepProfiler takes after the timed window: --profile steps, and as many again traced for its device
+    timeline (on a GPU)."""
+    return 0 if not args.profile else args.profile * (1 if args.tiny else 2)
 
 
 def total_steps(args: argparse.Namespace) -> int:
-    return monitored_step(args) + 1 if args.profile_monitored else args.steps + args.profile
+    return monitored_step(args) + 1 if args.profile_monitored else args.steps + profiled_steps(args)
 
 
 def run_llmtrain(shape: str, micro_batch: int, levers: tuple[str, ...], args: argparse.Namespace) -> dict:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import time
@@ -62,7 +63,12 @@ class StepProfiler(pl.Callback):
     """Profiles optimizer steps start_step .. start_step+num_steps-1 on global rank 0 and writes `output` (markdown,
     default <log_dir>/profile.md): on CUDA, device time per kernel category and the top kernels; on CPU, the top ops.
 
-    The window is bracketed by torch.cuda.synchronize(), so it perturbs nothing after it but must not overlap a
+    On CUDA the next num_steps steps are traced again with kernel activity only, for the device timeline: how long
+    the GPU waits between kernels, in gaps sorted by length. Recording every host op, as the first window does,
+    slows the host by a few microseconds per op, enough to make a host-heavy step look host-bound; the kernel-only
+    trace leaves the host as it runs.
+
+    Each window is bracketed by torch.cuda.synchronize(), so it perturbs nothing after it but must not overlap a
     timed window. Steps are counted by trainer.global_step, so gradient accumulation is profiled whole.
     """
 
@@ -80,7 +86,10 @@ class StepProfiler(pl.Callback):
         self.row_limit = row_limit
         self._path: Optional[str] = None
         self._prof: Optional[torch.profiler.profile] = None
+        self._window_start = 0  # the global_step the running window started at
         self._t0 = 0.0
+        self._tables: Optional[tuple[Any, Any, int, float]] = None  # the first window: events, by shape, steps, wall
+        self._timeline: Optional[list[str]] = None  # the second window's report section
         self._done = False
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -89,28 +98,25 @@ class StepProfiler(pl.Callback):
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
                              batch_idx: int) -> None:
-        # The window runs from the first batch start of step start_step to the first batch start after it (or the
+        # A window runs from the first batch start of its first step to the first batch start after its last (or the
         # end of training), so every callback's batch-end work of its steps is inside it, wherever this callback
         # sits in the list; put it first to also take in the others' batch-start work (the monitors' probes).
-        if self._prof is not None and trainer.global_step >= self.start_step + self.num_steps:
-            self._finish(trainer.global_step - self.start_step)
-        if not trainer.is_global_zero or self._done or self._prof is not None:
-            return
-        if trainer.global_step != self.start_step:
-            return
-        cuda = torch.cuda.is_available()
-        self._prof = torch.profiler.profile(
-            activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else []), record_shapes=True)
-        if cuda:
-            torch.cuda.synchronize()  # the previous step's kernels are not this window's
-        self._prof.start()
-        self._t0 = time.perf_counter()
+        step = trainer.global_step
+        if self._prof is not None and step >= self._window_start + self.num_steps:
+            if self._end_window(step - self._window_start) and torch.cuda.is_available():
+                self._start_window(step, [ProfilerActivity.CUDA])  # the kernel-only timeline window
+            else:
+                self._write()
+        if trainer.is_global_zero and self._tables is None and self._prof is None and step == self.start_step:
+            self._start_window(step, [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA]
+                                                               if torch.cuda.is_available() else []))
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not trainer.is_global_zero:
             return
-        if self._prof is not None:  # training stopped inside the window: report the steps it did record
-            self._finish(trainer.global_step - self.start_step)
+        if self._prof is not None:  # training stopped inside a window: report the steps it did record
+            self._end_window(trainer.global_step - self._window_start)
+            self._write()
         elif not self._done:
             rank_zero_warn(f"StepProfiler: no step profiled, training ended at global_step={trainer.global_step} "
                            f"without starting step start_step={self.start_step}; no report written.")
@@ -120,33 +126,108 @@ class StepProfiler(pl.Callback):
             self._prof.stop()
             self._prof = None
 
-    def _finish(self, steps: int) -> None:
-        cuda = torch.cuda.is_available()
-        if cuda:
+    def _start_window(self, step: int, activities: list[ProfilerActivity]) -> None:
+        self._prof = torch.profiler.profile(activities=activities, record_shapes=ProfilerActivity.CPU in activities)
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()  # the previous step's kernels are not this window's
+        self._prof.start()
+        self._window_start, self._t0 = step, time.perf_counter()
+
+    def _end_window(self, steps: int) -> bool:
+        """Stops the running window and keeps what the report needs from it: the tables' events from the first, the
+        kernel timeline from the second. True after the first."""
+        if torch.cuda.is_available():
             torch.cuda.synchronize()  # the window's kernels have all run before the clock stops
         wall_us = (time.perf_counter() - self._t0) * 1e6
-        self._prof.stop()
-        events, by_shape = self._prof.key_averages(), self._prof.key_averages(group_by_input_shape=True)
-        self._prof, self._done = None, True
+        prof, self._prof = self._prof, None
+        prof.stop()
+        if self._tables is None:
+            self._tables = (prof.key_averages(), prof.key_averages(group_by_input_shape=True), steps, wall_us)
+            return True
+        if steps >= 1:
+            self._timeline = timeline_lines(prof, steps, wall_us)
+        return False
+
+    def _write(self) -> None:
+        self._done = True
+        events, by_shape, steps, wall_us = self._tables
         if steps < 1:  # stopped before the window's first optimizer step: no per-step figure to give
             rank_zero_warn(f"StepProfiler: training ended inside step start_step={self.start_step}; no report.")
             return
         os.makedirs(os.path.dirname(os.path.abspath(self._path)), exist_ok=True)
         with open(self._path, "w") as f:
-            f.write(profile_report(events, steps, wall_us, self.row_limit, by_shape))
+            f.write(profile_report(events, steps, wall_us, self.row_limit, by_shape, self._timeline))
 
 
-def profile_report(events: Any, steps: int, wall_us: float, row_limit: int = 25, by_shape: Any = None) -> str:
+def profile_report(events: Any, steps: int, wall_us: float, row_limit: int = 25, by_shape: Any = None,
+                   timeline: Optional[list[str]] = None) -> str:
     """The markdown report of `steps` profiled steps (torch.profiler key_averages()) that took `wall_us` in all:
     on CUDA, device time per kernel category and the top kernels; on CPU, the top ops. With `by_shape`
-    (key_averages(group_by_input_shape=True) of a profile that recorded shapes), also the matmuls by shape."""
+    (key_averages(group_by_input_shape=True) of a profile that recorded shapes), also the matmuls by shape; with
+    `timeline` (timeline_lines of a kernel-only trace), the device timeline."""
     cuda = torch.cuda.is_available()
     device = torch.cuda.get_device_name() if cuda else "CPU"
     lines = [f"# Step profile: {device}, {steps} steps recorded, {wall_us / steps / 1e3:.2f} ms wall per step", ""]
     lines += (device_tables if cuda else cpu_table)(events, steps, wall_us, row_limit)
     if by_shape is not None:
         lines += matmul_shape_table(by_shape, steps, wall_us, row_limit, cuda)
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + (timeline or [])) + "\n"
+
+
+# Idle gaps between kernels by length (upper bound in µs, label). Under ~5 µs the GPU is only spacing kernels it
+# already has queued; longer gaps are time it waited for the host: a launch not made yet, or a sync that drained
+# the queue (a host read of a device value, a blocking copy) and the host work until the next launch.
+GAP_BINS = ((5.0, "under 5 µs"), (50.0, "5 to 50 µs"), (500.0, "50 to 500 µs"), (math.inf, "500 µs and over"))
+
+
+def timeline_lines(prof: torch.profiler.profile, steps: int, wall_us: float, longest: int = 5) -> list[str]:
+    """The device timeline section of a kernel-only trace of `steps` steps that took `wall_us`."""
+    try:
+        kernels = [(e.name, e.time_range.start, e.time_range.end) for e in prof.events()
+                   if e.device_type == torch.autograd.DeviceType.CUDA and not getattr(e, "is_user_annotation", False)]
+    except Exception as err:  # a diagnostic: a profiler that changed its events must not stop a training run
+        return ["", "## Device timeline", "", f"Not available: the kernel-only trace could not be read ({err!r})."]
+    return device_timeline(kernels, steps, wall_us, longest)
+
+
+def device_timeline(kernels: list[tuple[str, float, float]], steps: int, wall_us: float,
+                    longest: int = 5) -> list[str]:
+    """Busy and idle device time of `steps` steps from their kernels' (name, start µs, end µs), overlapping ones
+    (several streams) merged: the idle gaps between kernels by length, and the longest with their neighbours."""
+    lines = ["", "## Device timeline (the next steps, traced with kernel activity only)", "",
+             ("The host records no ops here, so it runs at its own speed. Gaps under 5 µs are the GPU spacing kernels "
+              "it has queued; longer ones are time it waited for the host: a launch not made yet, or a sync that "
+              "drained the queue and the host work until the next launch."), ""]
+    if not kernels:
+        return lines + ["No kernel was recorded."]
+    kernels = sorted(kernels, key=lambda k: k[1])
+    gaps: list[tuple[float, str, str]] = []  # (length, the kernel before it, the kernel after it)
+    busy, (last, run_start, run_end) = 0.0, kernels[0]
+    for name, start, end in kernels[1:]:
+        if start > run_end:
+            gaps.append((start - run_end, last, name))
+            busy, run_start = busy + run_end - run_start, start
+        if end >= run_end:
+            last, run_end = name, end
+    busy += run_end - run_start
+    between = sum(gap for gap, _, _ in gaps)
+    outside = max(0.0, wall_us - (run_end - kernels[0][1]))
+    lines += ["| per step | ms | % of wall |", "|---|---:|---:|"]
+    for what, us in (("wall", wall_us), ("kernels running", busy), ("idle between kernels", between),
+                     ("idle before the first and after the last kernel", outside)):
+        lines.append(f"| {what} | {us / steps / 1e3:.3f} | {100 * us / wall_us:.1f} |")
+    lines += ["", f"{len(kernels) / steps:,.0f} kernels, copies and sets per step.", "",
+              "| idle gap | gaps per step | ms per step | % of wall |", "|---|---:|---:|---:|"]
+    low = 0.0
+    for high, label in GAP_BINS:
+        inside = [gap for gap, _, _ in gaps if low <= gap < high]
+        lines.append(f"| {label} | {len(inside) / steps:,.1f} | {sum(inside) / steps / 1e3:.3f} | "
+                     f"{100 * sum(inside) / wall_us:.1f} |")
+        low = high
+    lines += ["", f"### The {longest} longest gaps", "", "| gap (µs) | after kernel | before kernel |", "|---:|---|---|"]
+    for gap, before, after in sorted(gaps, reverse=True)[:longest]:
+        lines.append(f"| {gap:,.1f} | {cell(before, 70)} | {cell(after, 70)} |")
+    return lines
 
 
 def matmul_shape_table(events: Any, steps: int, wall_us: float, row_limit: int, cuda: bool) -> list[str]:

@@ -1,6 +1,7 @@
 """StepProfiler: real CPU fits write a report of exactly the steps recorded (a full window, a window cut short by the
-end of training, none at all); the CUDA table and the matmul shape table, from key_averages()-shaped entries, add up
-by hand; kernel_category sorts real Hopper kernel names."""
+end of training, none at all); the CUDA table, the matmul shape table and the device timeline, from entries shaped
+as torch.profiler gives them, add up by hand; on CUDA a second, kernel-only window follows the first;
+kernel_category sorts real Hopper kernel names."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import pytest
 import torch
 
 from llmtrain.callbacks import StepProfiler
-from llmtrain.callbacks.profile import device_tables, kernel_category, matmul_shape_table
+from llmtrain.callbacks.profile import device_tables, device_timeline, kernel_category, matmul_shape_table
 from llmtrain.training.module import LanguageModel
 from llmtrain.training.optim import OptimConfig
 from tests.callbacks import fit, random_batches, tiny_config
@@ -134,3 +135,73 @@ def test_the_window_holds_the_batch_end_work_of_callbacks_listed_after_it(tmp_pa
     fit(LanguageModel(tiny_config(), OPTIM), random_batches(8),
         [StepProfiler(start_step=2, num_steps=1, output=str(output), row_limit=500), _QrAtBatchEnd()], max_steps=5)
     assert "aten::linalg_qr" in top_ops(output.read_text())
+
+
+def test_the_device_timeline_merges_streams_and_sorts_the_idle_gaps_by_length() -> None:
+    # (name, start µs, end µs); "b" overlaps "a" on another stream, so the first gap comes after "b", the later end
+    kernels = [("a", 0.0, 100.0), ("b", 50.0, 150.0), ("c", 153.0, 200.0), ("d", 220.0, 300.0), ("e", 400.0, 523.0),
+               ("f", 1500.0, 1600.0)]
+    lines = device_timeline(list(reversed(kernels)), steps=1, wall_us=2000.0, longest=2)
+    assert "| kernels running | 0.500 | 25.0 |" in lines  # 150 + 47 + 80 + 123 + 100 µs
+    assert "| idle between kernels | 1.100 | 55.0 |" in lines  # 3 + 20 + 100 + 977 µs
+    assert "| idle before the first and after the last kernel | 0.400 | 20.0 |" in lines
+    assert "6 kernels, copies and sets per step." in lines
+    gaps = [line for line in lines if line.startswith(("| under", "| 5 to", "| 50 to", "| 500"))]
+    assert [line.split(" | ")[1:3] for line in gaps] == [["1.0", "0.003"], ["1.0", "0.020"], ["1.0", "0.100"],
+                                                          ["1.0", "0.977"]]
+    assert lines[-2:] == ["| 977.0 | e | f |", "| 100.0 | d | e |"]
+
+
+def test_a_timeline_of_no_kernels_says_so() -> None:
+    assert device_timeline([], steps=2, wall_us=100.0)[-1] == "No kernel was recorded."
+
+
+class _FakeProfiler:
+    """torch.profiler.profile as StepProfiler drives it, with one CUDA kernel per window and a host op."""
+
+    made: list["_FakeProfiler"] = []
+
+    def __init__(self, activities: list, record_shapes: bool) -> None:
+        self.activities, self.record_shapes = activities, record_shapes
+        _FakeProfiler.made.append(self)
+
+    def start(self) -> None: ...
+
+    def stop(self) -> None: ...
+
+    def key_averages(self, group_by_input_shape: bool = False) -> list:
+        return []
+
+    def events(self) -> list:
+        def event(name: str, device_type) -> SimpleNamespace:
+            return SimpleNamespace(name=name, device_type=device_type, is_user_annotation=False,
+                                   time_range=SimpleNamespace(start=0.0, end=10.0))
+        return [event("triton_poi_fused_0", torch.autograd.DeviceType.CUDA),
+                event("cudaLaunchKernel", torch.autograd.DeviceType.CPU)]
+
+
+@pytest.mark.parametrize("end_step, timeline_steps", [(9, 2), (5, 1)])
+def test_on_cuda_a_kernel_only_window_follows_the_first(tmp_path, monkeypatch, end_step: int,
+                                                        timeline_steps: int) -> None:
+    # The window logic on a machine without a GPU: CUDA claimed available, the profiler replaced
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda: "a GPU")
+    monkeypatch.setattr(torch.profiler, "profile", _FakeProfiler)
+    _FakeProfiler.made = []
+    output = tmp_path / "p.md"
+    profiler = StepProfiler(start_step=2, num_steps=2, output=str(output))
+    trainer = SimpleNamespace(global_step=0, is_global_zero=True, log_dir=str(tmp_path))
+    profiler.on_train_start(trainer, None)
+    for step in range(end_step):  # each step's batch start
+        trainer.global_step = step
+        profiler.on_train_batch_start(trainer, None, None, step)
+    trainer.global_step = end_step
+    profiler.on_train_end(trainer, None)
+    cpu, cuda = torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA
+    assert [(p.activities, p.record_shapes) for p in _FakeProfiler.made] == [([cpu, cuda], True), ([cuda], False)]
+    report = output.read_text()
+    assert report.startswith("# Step profile: a GPU, 2 steps recorded, ")
+    assert "## Device timeline (the next steps, traced with kernel activity only)" in report
+    # The second window's one kernel (10 µs; the host op is not a kernel) over the steps it recorded
+    assert f"| kernels running | {0.010 / timeline_steps:.3f} |" in report
