@@ -365,7 +365,8 @@ def llmtrain_config(shape: str, args: argparse.Namespace, levers: tuple[str, ...
         callbacks.append(entry)
     if args.profile:  # after the timed window: where the time of a step goes
         callbacks.append({"class_path": "llmtrain.callbacks.StepProfiler", "init_args": {
-            "start_step": steps, "num_steps": args.profile, "output": str(args.out / f"profile_{name}.md")}})
+            "start_step": profile_start(args), "num_steps": args.profile,
+            "output": str(args.out / f"profile_{name}.md")}})
     if "hostreads" in levers:  # importable from the fit's subprocess: run_llmtrain puts benchmarks/ on its path
         callbacks.append({"class_path": "host_reads.PerStepHostReads"})
     if args.profile_monitored and "nostab" not in levers:  # first in the list: its window takes in the probes
@@ -380,19 +381,30 @@ def llmtrain_config(shape: str, args: argparse.Namespace, levers: tuple[str, ...
     return path
 
 
-def monitored_step(args: argparse.Namespace) -> int:
-    """The first step the stability monitors run at (every MONITOR_INTERVAL) after the timed and profiled steps."""
-    return (args.steps + profiled_steps(args)) // MONITOR_INTERVAL * MONITOR_INTERVAL + MONITOR_INTERVAL
-
-
 def profiled_steps(args: argparse.Namespace) -> int:
     """The steps StepProfiler takes after the timed window: --profile steps, and as many again traced for its device
     timeline (on a GPU)."""
     return 0 if not args.profile else args.profile * (1 if args.tiny else 2)
 
 
+def profile_start(args: argparse.Namespace) -> int:
+    """StepProfiler's first step: the first after the timed window whose profiled steps hold no monitored step (a
+    global_step that is a multiple of MONITOR_INTERVAL, where WeightMonitor's per-tensor statistics and the probes
+    run), so the profile shows the steps the timed window measured; --profile_monitored profiles one on its own."""
+    start = args.steps
+    while any(step % MONITOR_INTERVAL == 0 for step in range(start, start + profiled_steps(args))):
+        start += 1
+    return start
+
+
+def monitored_step(args: argparse.Namespace) -> int:
+    """The first step the stability monitors run at (every MONITOR_INTERVAL) after the timed and profiled steps."""
+    end = profile_start(args) + profiled_steps(args)
+    return -(-end // MONITOR_INTERVAL) * MONITOR_INTERVAL
+
+
 def total_steps(args: argparse.Namespace) -> int:
-    return monitored_step(args) + 1 if args.profile_monitored else args.steps + profiled_steps(args)
+    return monitored_step(args) + 1 if args.profile_monitored else profile_start(args) + profiled_steps(args)
 
 
 def run_llmtrain(shape: str, micro_batch: int, levers: tuple[str, ...], args: argparse.Namespace) -> dict:

@@ -9,7 +9,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 from stability_overhead import pair_row, parity_table, split_cost  # noqa: E402
-from throughput import largest_micro_batch  # noqa: E402
+from throughput import MONITOR_INTERVAL, largest_micro_batch, monitored_step, profile_start  # noqa: E402
 
 
 def test_parity_table_gives_the_worst_tags_first_median_and_max_relative_difference():
@@ -131,6 +131,18 @@ def test_torchtitan_gets_a_stand_in_for_the_one_fsdp_name_torch_2_11_lacks(monke
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("steps, start", [(100, 101), (97, 101), (60, 60), (150, 150)])
+def test_the_profiled_steps_of_an_llmtrain_row_hold_no_monitored_step(steps: int, start: int):
+    """StepProfiler's window, its kernel-only timeline included (2 x --profile steps on a GPU), starts after the timed
+    window and skips the steps where WeightMonitor and the probes run; --profile_monitored's step comes after it."""
+    import argparse
+
+    args = argparse.Namespace(steps=steps, profile=3, tiny=False, profile_monitored=True)
+    assert profile_start(args) == start
+    assert all(step % MONITOR_INTERVAL for step in range(start, start + 6))
+    assert monitored_step(args) % MONITOR_INTERVAL == 0 and monitored_step(args) >= start + 6
+
+
 def test_llmtrain_rows_on_two_devices_with_the_host_reads_put_back(prepared_corpus, tmp_path):
     """The script end to end on CPU (two gloo ranks per llmtrain row): the hostreads lever's callback is built into
     the fit and changes no number; the rows are labelled with their devices."""
