@@ -17,8 +17,10 @@ Rows, per shape (124m 768/12/12 mb16, 350m 1024/24/16 mb8, 1b 2048/16/16 mb4; vo
 A loop row whose framework does not import (or fails) is reported with its error line. Loop-row levers
 (--baseline_variants): mb2x/mb4x/mb6x, fp8 (each framework's own float8 path), sdpa (torchtitan's maskless attention),
 clip (gradient clipping at norm 1.0, which llmtrain's configs do and the plain loop rows do not).
-'vs loop' is always against the baseline row of the same shape, micro-batch and precision; a lever that changes the
-micro-batch is its own row against the loop at that micro-batch.
+'vs loop' is always against the baseline row of the same shape, micro-batch, precision and gradient clipping
+(llmtrain's configs clip: its rows compare with a `clip` baseline); a lever that changes the micro-batch is its own
+row against the loop at that micro-batch. With --repeat_reference the baseline rows run again after the others: the
+spread of the two runs (printed under the table) is the drift over the call, and the ratios are against their mean.
 With --profile N, every row also profiles N steps after its timed window (StepProfiler's report, the loop rows
 through the same function: profile_<row>.md), so the rows' kernel time can be compared category by category, and
 traces N more with kernel activity only for the report's device timeline (where the GPU waits for the host).
@@ -127,8 +129,11 @@ def row_levers(r: dict) -> tuple[str, ...]:
 
 
 def recipe(r: dict) -> tuple:
-    """What a row trains per step, on how many devices and at what precision; rows of one recipe are compared."""
-    return r["shape"], r["micro_batch"], "fp8" in row_levers(r), r.get("devices", 1)
+    """What a row trains per step, on how many devices, at what precision and whether it clips its gradients (an
+    extra pass over them: llmtrain's configs clip, a loop row does with the clip lever); rows of one recipe are
+    compared."""
+    clips = r["impl"] == "llmtrain" or "clip" in row_levers(r)
+    return r["shape"], r["micro_batch"], "fp8" in row_levers(r), r.get("devices", 1), clips
 
 
 def micro_batch_factor(levers: tuple[str, ...]) -> int:
@@ -477,13 +482,15 @@ def llmtrain_result(run_dir: Path, micro_batch: int, args: argparse.Namespace) -
 
 
 # ----------------------------------------------------------------------------------------------------------------
-def run_worker(impl: str, shape: str, micro_batch: int, variant: str, args: argparse.Namespace) -> dict:
-    """One loop row in its own process (fresh dynamo caches and peak-memory counter); the result is its last line.
-    A row that fails or outlasts --row_timeout is reported with the last line of its error."""
+def run_worker(impl: str, shape: str, micro_batch: int, variant: str, args: argparse.Namespace,
+               profile: int) -> dict:
+    """One loop row in its own process (fresh dynamo caches and peak-memory counter), profiling `profile` steps after
+    its timed window; the result is its last line. A row that fails or outlasts --row_timeout is reported with the
+    last line of its error."""
     cmd = [sys.executable, str(Path(__file__).resolve()), "--_worker", impl, "--shapes", shape,
            "--baseline_variants", variant, "--micro_batch_size", str(micro_batch),
            "--steps", str(args.steps), "--warmup", str(args.warmup),
-           "--vocab_size", str(args.vocab_size), "--profile", str(args.profile), "--out", str(args.out),
+           "--vocab_size", str(args.vocab_size), "--profile", str(profile), "--out", str(args.out),
            *(["--tiny"] if args.tiny else [])]
     log = args.out / "log.txt"
     with open(log, "a") as f:
@@ -513,17 +520,50 @@ def rows(args: argparse.Namespace) -> list[tuple[str, str]]:
     return out
 
 
+def planned_rows(shapes: list[str], args: argparse.Namespace) -> list[tuple[str, str, str, bool]]:
+    """(shape, implementation, variant, repeat) in the order they run: each shape's rows, then, with
+    --repeat_reference, its baseline rows again."""
+    planned = []
+    for shape in shapes:
+        planned += [(shape, impl, variant, False) for impl, variant in rows(args)]
+        if args.repeat_reference:
+            planned += [(shape, impl, variant, True) for impl, variant in rows(args) if impl == "baseline"]
+    return planned
+
+
 def fmt(value: Optional[float], spec: str) -> str:
     return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else format(value, spec)
 
 
 def same_recipe_ratios(results: list[dict]) -> dict[int, float]:
-    """Row index -> tokens/s over the baseline loop's at the same shape, micro-batch and precision (bf16 or
-    float8), i.e. the same tokens per step and the same numerics class; rows with no such baseline get none."""
-    base = {recipe(r): r["tokens_per_sec"] for r in results
-            if r["impl"] == "baseline" and "tokens_per_sec" in r and set(row_levers(r)) <= {"fp8", *MICRO_BATCH_LEVERS}}
+    """Row index -> tokens/s over the baseline loop's at the same shape, micro-batch, precision (bf16 or float8) and
+    clipping, i.e. the same tokens per step, numerics class and passes over the gradients; rows with no such
+    baseline get none."""
+    base = {key: sum(runs) / len(runs) for key, runs in reference_runs(results).items()}
     return {i: r["tokens_per_sec"] / base[recipe(r)] for i, r in enumerate(results)
             if "tokens_per_sec" in r and recipe(r) in base}
+
+
+def reference_runs(results: list[dict]) -> dict[tuple, list[float]]:
+    """Recipe -> tokens/s of each run of its baseline loop row (two with --repeat_reference), in the order run."""
+    runs: dict[tuple, list[float]] = {}
+    for r in results:
+        reference = r["impl"] == "baseline" and set(row_levers(r)) <= {"fp8", "clip", *MICRO_BATCH_LEVERS}
+        if reference and "tokens_per_sec" in r:
+            runs.setdefault(recipe(r), []).append(r["tokens_per_sec"])
+    return runs
+
+
+def drift_notes(results: list[dict]) -> list[str]:
+    """A line per reference loop that ran twice: both runs and their spread, the error bar of its rows' ratios."""
+    notes = []
+    for (shape, micro_batch, fp8, _, clips), runs in reference_runs(results).items():
+        if len(runs) > 1:
+            what = ", ".join([f"micro-batch {micro_batch}"] + ["float8"] * fp8 + ["clipping"] * clips)
+            notes.append(f"Reference loop ({shape}, {what}) run first and last: {runs[0]:,.0f} and {runs[-1]:,.0f} "
+                         f"tokens/s ({100 * (runs[-1] / runs[0] - 1):+.1f}%); its rows' 'vs loop' is against the "
+                         "mean.")
+    return notes
 
 
 def table(results: list[dict], args: argparse.Namespace) -> str:
@@ -543,8 +583,9 @@ def table(results: list[dict], args: argparse.Namespace) -> str:
               "Loop rows (baseline, litgpt, torchtitan, olmo_core): random tokens, fused torch AdamW, bf16 autocast, "
               "peak memory = torch.cuda.max_memory_allocated over the run; llmtrain: `llmtrain fit` on --data_dir "
               "shards, the Throughput callback's window and peak memory. 'vs loop': against the baseline loop row of "
-              "the same micro-batch and precision (same recipe).",
-              *[f"Row {r['label']}: {r['settings']}." for r in results if r.get("settings")],
+              "the same micro-batch, precision and gradient clipping (same recipe; llmtrain's configs clip).",
+              *drift_notes(results),
+              *[f"Row {r['label']}: {r['settings']}." for r in results if r.get("settings") and not r.get("repeat")],
               *[f"Lever {name}: {what}." for name, what in {**LEVERS, **LOOP_LEVERS}.items()
                 if any(name in row_levers(r) for r in results)]]
     memory = torch.cuda.get_device_properties(0).total_memory / 2**30 if torch.cuda.is_available() else None
@@ -591,7 +632,7 @@ def largest_micro_batch(results: list[dict], memory_gib: Optional[float]) -> lis
     lines = []
     for r in results:
         small = smallest.get(other_levers(r))
-        if not r.get("peak_gib") or small is None or small["micro_batch"] == r["micro_batch"]:
+        if not r.get("peak_gib") or small is None or small["micro_batch"] == r["micro_batch"] or r.get("repeat"):
             continue
         per_sequence = (r["peak_gib"] - small["peak_gib"]) / (r["micro_batch"] - small["micro_batch"])
         fixed = small["peak_gib"] - per_sequence * small["micro_batch"]
@@ -625,6 +666,9 @@ def main() -> None:
                              "device); the loop rows stay on one")
     parser.add_argument("--row_timeout", type=float, default=None, help="seconds one loop row may take (default: none)")
     parser.add_argument("--no_ceiling", action="store_true", help="skip measuring the bf16 matmul ceiling")
+    parser.add_argument("--repeat_reference", action="store_true",
+                        help="run each shape's baseline loop rows again after its other rows: the spread of the two "
+                             "runs shows the drift over the call, and 'vs loop' is against their mean")
     parser.add_argument("--profile", type=int, default=0, metavar="N",
                         help="profile N steps after the timed window of every row (StepProfiler's report; profile_*.md)")
     parser.add_argument("--profile_monitored", action="store_true",
@@ -668,21 +712,23 @@ def main() -> None:
         args.ceiling = matmul_ceiling()
         print(f"[throughput] bf16 matmul 8192^3: {args.ceiling / 1e12:.0f} TFLOP/s (median of 50)", flush=True)
     results = []
-    for shape, (impl, variant) in [(shape, row) for shape in shapes for row in rows(args)]:
+    for shape, impl, variant, repeat in planned_rows(shapes, args):
         cfg = model_config(shape, args.vocab_size, TINY_SEQ if args.tiny else SEQ)
         levers = parse_variant(variant) if impl == "llmtrain" else parse_variant(variant, LOOP_LEVERS)
         micro_batch = (args.micro_batch_size or SHAPES[shape][3]) * micro_batch_factor(levers)
         devices = args.devices if impl == "llmtrain" else 1
         label = impl if variant == "shipped" else f"{impl} ({variant})"
         label += f", {devices} devices" if devices > 1 else ""
+        label += ", repeated last" if repeat else ""
         print(f"[throughput] {shape} {label} (micro-batch {micro_batch}, {args.steps} steps)...", flush=True)
         start = time.time()
         try:
             r = (run_llmtrain(shape, micro_batch, levers, args) if impl == "llmtrain"
-                 else run_worker(impl, shape, micro_batch, variant, args))
+                 else run_worker(impl, shape, micro_batch, variant, args, 0 if repeat else args.profile))
         except Stopped:  # an llmtrain row that logged its timed window is kept by run_llmtrain
             r = {"failed": "stopped (SIGTERM) before the row finished", "stopped": True}
         r.update(shape=shape, impl=impl, variant=variant, label=label, micro_batch=micro_batch, devices=devices,
+                 repeat=repeat,
                  wall_s=round(time.time() - start, 1), flops_per_token=cfg.flops_per_token(cfg.max_seq_len))
         print(f"[throughput]   {json.dumps(r)}", flush=True)
         results.append(r)

@@ -66,17 +66,37 @@ def _row(impl, variant, mb, tps, shape="350m"):
 def test_every_ratio_is_taken_against_the_loop_at_the_same_micro_batch_and_precision():
     from throughput import same_recipe_ratios
 
-    rows = [_row("baseline", "shipped", 8, 100.0), _row("baseline", "fp8", 8, 110.0),
-            _row("baseline", "mb4x", 32, 120.0), _row("llmtrain", "shipped", 8, 95.0),
+    # llmtrain's configs clip their gradients: its rows compare with the clipping loop, the peers as they ran
+    rows = [_row("baseline", "clip", 8, 100.0), _row("baseline", "fp8+clip", 8, 110.0),
+            _row("baseline", "mb4x+clip", 32, 120.0), _row("llmtrain", "shipped", 8, 95.0),
             _row("llmtrain", "fp8", 8, 99.0), _row("llmtrain", "mb4x+fp8", 32, 150.0),
-            _row("olmo_core", "fp8", 8, 88.0), _row("torchtitan", "sdpa", 8, 105.0),
-            _row("llmtrain", "shipped", 8, 50.0, shape="124m")]
+            _row("olmo_core", "fp8+clip", 8, 88.0), _row("torchtitan", "sdpa+clip", 8, 105.0),
+            _row("llmtrain", "shipped", 8, 50.0, shape="124m"), _row("litgpt", "shipped", 8, 97.0)]
     ratios = same_recipe_ratios(rows)
     assert ratios[3] == pytest.approx(0.95) and ratios[7] == pytest.approx(1.05)  # bf16 at 8 against bf16 at 8
     assert ratios[4] == pytest.approx(0.9) and ratios[6] == pytest.approx(0.8)  # float8 against the loop's float8
-    assert 5 not in ratios and 8 not in ratios  # no float8 loop at 32, no loop at 124m: no ratio, not a wrong one
-    clipped = same_recipe_ratios([*rows, _row("baseline", "clip", 8, 98.0)])
-    assert clipped[3] == pytest.approx(0.95) and clipped[9] == pytest.approx(0.98)  # a lever row, not the reference
+    # No float8 loop at 32, no loop at 124m, no loop that skips clipping as this litgpt row does: no ratio
+    assert 5 not in ratios and 8 not in ratios and 9 not in ratios
+    unclipped = same_recipe_ratios([*rows, _row("baseline", "shipped", 8, 98.0)])
+    assert unclipped[3] == pytest.approx(0.95) and unclipped[9] == pytest.approx(97.0 / 98.0)  # each to its own
+
+
+def test_a_repeated_reference_loop_brackets_the_rows_and_its_runs_mean_is_the_reference():
+    import argparse
+
+    from throughput import drift_notes, planned_rows, same_recipe_ratios
+
+    args = argparse.Namespace(only=["baseline", "olmo_core", "llmtrain"], variants=["shipped"],
+                              baseline_variants=["clip"], repeat_reference=True)
+    assert planned_rows(["124m"], args) == [("124m", "baseline", "clip", False), ("124m", "olmo_core", "clip", False),
+                                            ("124m", "llmtrain", "shipped", False), ("124m", "baseline", "clip", True)]
+    rows = [_row("baseline", "clip", 8, 100.0), _row("olmo_core", "clip", 8, 99.0), _row("llmtrain", "shipped", 8, 97.0),
+            {**_row("baseline", "clip", 8, 96.0), "repeat": True}]
+    ratios = same_recipe_ratios(rows)
+    assert ratios[1] == pytest.approx(99.0 / 98.0) and ratios[2] == pytest.approx(97.0 / 98.0)
+    assert drift_notes(rows) == ["Reference loop (350m, micro-batch 8, clipping) run first and last: 100 and 96 "
+                                 "tokens/s (-4.0%); its rows' 'vs loop' is against the mean."]
+    assert drift_notes(rows[:3]) == []  # one run: no spread to state
 
 
 def test_the_clip_lever_clips_the_loop_rows_gradients_every_step(monkeypatch):
