@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from typing import Any, Optional
 
 import lightning.pytorch as pl
@@ -24,8 +25,45 @@ def peak_tflops_for(device_name: str) -> Optional[float]:
     return None
 
 
+class HostClock:
+    """Window edges on the host's clock (a CPU run: the host does the work)."""
+
+    def mark(self) -> float:
+        return time.perf_counter()
+
+    def seconds(self, start: float, end: float, wait: bool) -> Optional[float]:
+        return end - start
+
+
+class DeviceClock:
+    """Window edges as CUDA events in the stream: the time the GPU took between them, queue and idle gaps included,
+    whatever the host's lead over it. A host timestamp at a step boundary is off by that lead (up to about a step,
+    and it changes at every host sync); an event is read once the GPU has passed it, without a sync."""
+
+    def mark(self) -> torch.cuda.Event:
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+
+    def seconds(self, start: torch.cuda.Event, end: torch.cuda.Event, wait: bool) -> Optional[float]:
+        if not wait and not end.query():
+            return None
+        end.synchronize()
+        return start.elapsed_time(end) / 1e3
+
+
+@dataclass
+class _Window:
+    start: Any  # the clock's marks
+    end: Any
+    tokens: int
+    step: int  # global_step at its end: the step it is logged at
+    flops_per_token: float
+
+
 class Throughput(pl.Callback):
-    """Measures training throughput over windows of `window` optimizer steps, on every rank's clock.
+    """Measures training throughput over windows of `window` optimizer steps, on every rank's clock: the GPU's (CUDA
+    events, reported once the GPU has passed a window's end, within a step or two) or, on CPU, the host's.
 
     MFU = tokens/s · flops_per_token / (peak · world_size), with flops_per_token = 6·N_matmul +
     12·n_layer·n_head·head_dim·seq (ModelConfig.flops_per_token; N_matmul excludes the input embedding).
@@ -39,39 +77,64 @@ class Throughput(pl.Callback):
         self.window = window
         self.warmup_steps = warmup_steps
         self.peak_tflops = peak_tflops
-        self._start: Optional[float] = None
+        self._clock: Any = HostClock()
+        self._start: Any = None
         self._tokens = 0
         self._steps = 0
+        self._pending: list[_Window] = []  # closed windows not yet reported
         self.last_metrics: dict[str, float] = {}
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._clock = self._make_clock(pl_module)
+        self._start, self._tokens, self._steps, self._pending = None, 0, 0, []
         if self.peak_tflops is None and torch.cuda.is_available():
             self.peak_tflops = peak_tflops_for(torch.cuda.get_device_name())
         if self.peak_tflops is None:
             rank_zero_warn("Throughput: no peak FLOP/s known for this device; train/mfu is not logged "
                            "(set peak_tflops to log it).")
 
+    @staticmethod
+    def _make_clock(pl_module: pl.LightningModule) -> Any:
+        return DeviceClock() if pl_module.device.type == "cuda" else HostClock()
+
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any,
                            batch: Any, batch_idx: int) -> None:
-        if trainer.global_step < self.warmup_steps:  # compile and allocator warm-up are not throughput
-            return
-        now = time.perf_counter()
+        if trainer.global_step >= self.warmup_steps:  # compile and allocator warm-up are not throughput
+            self._count(trainer, pl_module, batch)
+        self._report(trainer, wait=False)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._report(trainer, wait=True)
+
+    def _count(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any) -> None:
         if self._start is None:
-            self._start = now
+            self._start = self._clock.mark()
             return
         self._tokens += batch["input_ids"].numel() * trainer.world_size
         self._steps += 1
         if self._steps < self.window * trainer.accumulate_grad_batches:
             return
-        tokens_per_sec = self._tokens / (now - self._start)
-        metrics = {"train/tokens_per_sec": tokens_per_sec}
-        if self.peak_tflops is not None:
-            flops = tokens_per_sec * pl_module.config.flops_per_token(batch["input_ids"].shape[1])
-            metrics["train/mfu"] = flops / (self.peak_tflops * 1e12 * trainer.world_size)
-        if torch.cuda.is_available():  # the allocator's own counter: no device sync
-            metrics["train/gpu_mem_peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
-        self.last_metrics = metrics
-        if trainer.is_global_zero:  # straight to the loggers: the window need not align with log_every_n_steps
-            for logger in trainer.loggers:
-                logger.log_metrics(metrics, step=trainer.global_step)
-        self._start, self._tokens, self._steps = now, 0, 0
+        end = self._clock.mark()
+        flops = pl_module.config.flops_per_token(batch["input_ids"].shape[1])
+        self._pending.append(_Window(self._start, end, self._tokens, trainer.global_step, flops))
+        self._start, self._tokens, self._steps = end, 0, 0
+
+    def _report(self, trainer: pl.Trainer, wait: bool) -> None:
+        """Logs the closed windows whose end the clock has passed, oldest first (all of them with `wait`)."""
+        while self._pending:
+            window = self._pending[0]
+            seconds = self._clock.seconds(window.start, window.end, wait)
+            if seconds is None:
+                return
+            self._pending.pop(0)
+            tokens_per_sec = window.tokens / seconds
+            metrics = {"train/tokens_per_sec": tokens_per_sec}
+            if self.peak_tflops is not None:
+                metrics["train/mfu"] = (tokens_per_sec * window.flops_per_token /
+                                        (self.peak_tflops * 1e12 * trainer.world_size))
+            if torch.cuda.is_available():  # the allocator's own counter: no device sync
+                metrics["train/gpu_mem_peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
+            self.last_metrics = metrics
+            if trainer.is_global_zero:  # straight to the loggers: the window need not align with log_every_n_steps
+                for logger in trainer.loggers:
+                    logger.log_metrics(metrics, step=window.step)
