@@ -156,6 +156,18 @@ def test_a_timeline_of_no_kernels_says_so() -> None:
     assert device_timeline([], steps=2, wall_us=100.0)[-1] == "No kernel was recorded."
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_on_a_gpu_the_report_holds_the_kernel_tables_and_the_device_timeline(tmp_path):
+    output = tmp_path / "p.md"
+    fit(LanguageModel(tiny_config(), OPTIM), random_batches(10),
+        [StepProfiler(start_step=2, num_steps=2, output=str(output))], max_steps=8, accelerator="gpu")
+    report = output.read_text()
+    assert "## Where the device time goes" in report and "| matmul |" in report
+    assert "## Device timeline (the next steps, traced with kernel activity only)" in report
+    assert re.search(r"^\| kernels running \| \d+\.\d{3} \|", report, flags=re.MULTILINE), report
+    assert "Not available" not in report
+
+
 class _FakeProfiler:
     """torch.profiler.profile as StepProfiler drives it, with one CUDA kernel per window and a host op."""
 

@@ -6,9 +6,10 @@ from __future__ import annotations
 import collections
 
 import pytest
+import torch
 
 from llmtrain.callbacks import Throughput
-from llmtrain.callbacks.throughput import peak_tflops_for
+from llmtrain.callbacks.throughput import DeviceClock, peak_tflops_for
 from llmtrain.training.module import LanguageModel
 from llmtrain.training.optim import OptimConfig
 from tests.callbacks import fit, random_batches, tiny_config
@@ -61,6 +62,20 @@ def test_a_window_the_clock_has_not_passed_yet_is_logged_later_at_its_own_step_a
     assert throughput.clock.asked[2] == 2  # not passed at the step it closed, passed at the next
     logged_order = [step for step, metrics in logger.rows if "train/tokens_per_sec" in metrics]
     assert logged_order == [3, 5, 7]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_on_a_gpu_the_windows_are_timed_by_cuda_events_and_all_logged() -> None:
+    clock = DeviceClock()
+    x = torch.randn(2048, 2048, device="cuda")
+    start = clock.mark()
+    for _ in range(50):
+        x = torch.nn.functional.normalize(x @ x)
+    end = clock.mark()
+    assert clock.seconds(start, end, wait=True) > 0
+    _, logger = fit(LanguageModel(tiny_config(), OPTIM), random_batches(8), [Throughput(window=2, warmup_steps=1)],
+                    max_steps=7, accelerator="gpu")
+    assert sorted(logger.scalars["train/tokens_per_sec"]) == [3, 5, 7]
 
 
 @pytest.mark.parametrize("name, peak", [
