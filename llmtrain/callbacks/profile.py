@@ -65,8 +65,8 @@ class StepProfiler(pl.Callback):
 
     On CUDA the next num_steps steps are traced again with kernel activity only, for the device timeline: how long
     the GPU waits between kernels, in gaps sorted by length. Recording every host op, as the first window does,
-    slows the host by a few microseconds per op, enough to make a host-heavy step look host-bound; the kernel-only
-    trace leaves the host as it runs.
+    slows the host (microseconds per op) and can open gaps a run without the profiler does not have; the
+    kernel-only trace leaves the host at its own speed.
 
     Each window is bracketed by torch.cuda.synchronize(), so it perturbs nothing after it but must not overlap a
     timed window. Steps are counted by trainer.global_step, so gradient accumulation is profiled whole.
