@@ -89,6 +89,8 @@ LEVERS = {
     "cudagraphs": "compiled region replayed as CUDA graphs (model.compile_mode: reduce-overhead)",
     "layernorm": "LayerNorm (no bias) instead of RMSNorm: what the norm costs, at the same recipe (a model change, "
                  "compared with llmtrain shipped)",
+    "nolog": "no per-step scalars logged (trainer.log_every_n_steps 0; tokens/s still is): what the host reads of "
+             "train/loss and the other step values cost at the logging steps (every 10th as shipped, two reads each)",
     "hostreads": "the four collectives each step of a distributed run read on the host up to commit fb33749, put back "
                  "(benchmarks/host_reads.py): what they cost, with --devices > 1 (on one device it changes nothing)",
 }
@@ -438,6 +440,8 @@ def run_llmtrain(shape: str, micro_batch: int, levers: tuple[str, ...], args: ar
                 "--model.config.n_head", str(heads), "--model.config.ffn_multiple_of", "64",
                 "--model.config.max_seq_len", str(TINY_SEQ), "--data.seq_len", str(TINY_SEQ),
                 "--model.compile", "off", "--data.num_workers", "0", "--trainer.log_every_n_steps", "1"]
+    if "nolog" in levers:  # after --tiny's interval, which it overrides
+        cmd += ["--trainer.log_every_n_steps", "0"]
     run_dir = runs / name
     if run_dir.exists():  # a fresh run each time (a fit into an existing run folder is refused)
         import shutil
