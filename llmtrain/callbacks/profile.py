@@ -66,7 +66,7 @@ class StepProfiler(pl.Callback):
     On CUDA the next num_steps steps are traced again with kernel activity only, for the device timeline: how long
     the GPU waits between kernels, in gaps sorted by length. Recording every host op, as the first window does,
     slows the host (microseconds per op) and can open gaps a run without the profiler does not have; the
-    kernel-only trace leaves the host at its own speed.
+    kernel-only trace (CUPTI's record of each launch, no op recording) leaves the host close to its own speed.
 
     Each window is bracketed by torch.cuda.synchronize(), so it perturbs nothing after it but must not overlap a
     timed window. Steps are counted by trainer.global_step, so gradient accumulation is profiled whole.
@@ -195,9 +195,9 @@ def device_timeline(kernels: list[tuple[str, float, float]], steps: int, wall_us
     """Busy and idle device time of `steps` steps from their kernels' (name, start µs, end µs), overlapping ones
     (several streams) merged: the idle gaps between kernels by length, and the longest with their neighbours."""
     lines = ["", "## Device timeline (the next steps, traced with kernel activity only)", "",
-             ("The host records no ops here, so it runs at its own speed. Gaps under 5 µs are the GPU spacing kernels "
-              "it has queued; longer ones are time it waited for the host: a launch not made yet, or a sync that "
-              "drained the queue and the host work until the next launch."), ""]
+             ("The host records no ops here, so it runs close to its own speed. Gaps under 5 µs are the GPU spacing "
+              "kernels it has queued; longer ones are time it waited for the host: a launch not made yet, or a sync "
+              "that drained the queue and the host work until the next launch."), ""]
     if not kernels:
         return lines + ["No kernel was recorded."]
     kernels = sorted(kernels, key=lambda k: k[1])
