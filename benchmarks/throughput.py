@@ -6,7 +6,8 @@ hostreads: the per-step host reads of distributed runs that llmtrain.training.ag
 Rows, per shape (124m 768/12/12 mb16, 350m 1024/24/16 mb8, 1b 2048/16/16 mb4; vocab 32000, sequence 2048):
   baseline    the reference loop, written out below (Llama-style decoder in plain PyTorch: RMSNorm, SwiGLU, RoPE, no
               biases, untied LM head, SDPA is_causal, bf16 autocast, fused AdamW); model and cross-entropy compiled
-              together as one function, so no fp32 logits are materialized eagerly; random tokens.
+              together as one function, so no fp32 logits are materialized eagerly; trains on windows of the
+              llmtrain rows' shards (--loop_tokens shards, the default) or on random tokens.
   litgpt      litgpt's `GPT` at the same shape in the same loop.
   torchtitan  torchtitan's `Llama3Model` with their compile, loss and float8 functions (benchmarks/peers.py).
   olmo_core   OLMo-core's `TransformerConfig.llama_like` model with its compile and float8 methods (peers.py).
@@ -57,6 +58,7 @@ import time
 from pathlib import Path
 from typing import Callable, Optional
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -253,10 +255,37 @@ def loop_model(impl: str, cfg: ModelConfig, device: torch.device, levers: tuple[
         f"{version}: model and cross-entropy compiled together" + (", torchao float8" if float8 else ""))
 
 
+def shard_tokens(data_dir: str, vocab_size: int, limit: int = 1 << 26) -> torch.Tensor:
+    """Up to `limit` training tokens of the prepared shards in `data_dir` (the llmtrain rows' data), as one int64
+    tensor: what the loop rows sample their sequences from with --loop_tokens shards."""
+    from llmtrain.data.shards import open_split, read_metadata
+
+    meta = read_metadata(data_dir)
+    if meta["settings"]["vocab_size"] != vocab_size:
+        raise SystemExit(f"--data_dir {data_dir}: its tokenizer has {meta['settings']['vocab_size']} tokens, "
+                         f"--vocab_size is {vocab_size}; make them agree")
+    parts, count = [], 0
+    for shard in open_split(data_dir, meta, "train"):
+        parts.append(np.asarray(shard.tokens[:limit - count], dtype=np.int64))
+        count += len(parts[-1])
+        if count >= limit:
+            break
+    return torch.from_numpy(np.concatenate(parts))
+
+
+def sample_windows(data: torch.Tensor, micro_batch: int, length: int, gen: torch.Generator) -> torch.Tensor:
+    """`micro_batch` windows of `length` consecutive tokens of `data` at random offsets, gathered on data's device (no
+    host copy per step): sequences as llmtrain's DataModule packs them, from the same text."""
+    starts = torch.randint(0, data.numel() - length + 1, (micro_batch, 1), device=data.device, generator=gen)
+    return data[starts + torch.arange(length, device=data.device)]
+
+
 def loop(impl: str, shape: str, micro_batch: int, steps: int, warmup: int, vocab_size: int, tiny: bool,
-         profile: int = 0, profile_path: Optional[Path] = None, levers: tuple[str, ...] = ()) -> dict:
-    """The reference training loop; returns tokens/s, step time and peak memory over steps warmup+1..steps, and with
-    `profile` writes StepProfiler's report of that many more steps to `profile_path`."""
+         profile: int = 0, profile_path: Optional[Path] = None, levers: tuple[str, ...] = (),
+         data: Optional[torch.Tensor] = None) -> dict:
+    """The reference training loop on `data`'s tokens (shard_tokens; None: uniformly random tokens); returns tokens/s,
+    step time and peak memory over steps warmup+1..steps, and with `profile` writes StepProfiler's report of that
+    many more steps to `profile_path`."""
     seq = TINY_SEQ if tiny else SEQ
     cfg = model_config(shape, vocab_size, seq)
     cuda = torch.cuda.is_available() and not tiny
@@ -275,8 +304,11 @@ def loop(impl: str, shape: str, micro_batch: int, steps: int, warmup: int, vocab
     gen = torch.Generator(device=device).manual_seed(0)
     clip, params = "clip" in levers, [p for p in model.parameters() if p.requires_grad]
 
+    data = None if data is None else data.to(device)
+
     def step() -> torch.Tensor:
-        tokens = torch.randint(0, vocab_size, (micro_batch, seq + 1), device=device, generator=gen)
+        tokens = (torch.randint(0, vocab_size, (micro_batch, seq + 1), device=device, generator=gen) if data is None
+                  else sample_windows(data, micro_batch, seq + 1, gen))
         with autocast:
             loss = loss_fn(tokens)
         loss.backward()
@@ -495,6 +527,7 @@ def run_worker(impl: str, shape: str, micro_batch: int, variant: str, args: argp
            "--baseline_variants", variant, "--micro_batch_size", str(micro_batch),
            "--steps", str(args.steps), "--warmup", str(args.warmup),
            "--vocab_size", str(args.vocab_size), "--profile", str(profile), "--out", str(args.out),
+           "--data_dir", args.data_dir, "--loop_tokens", args.loop_tokens,
            *(["--tiny"] if args.tiny else [])]
     log = args.out / "log.txt"
     with open(log, "a") as f:
@@ -584,7 +617,9 @@ def table(results: list[dict], args: argparse.Namespace) -> str:
               f"bf16 matmul ceiling ({fmt(ceiling and ceiling / 1e12, '.0f')} TFLOP/s: an 8192^3 product, median of "
               "50, same call); float8 rows are counted against the bf16 peaks too" +
               (" - not given on CPU." if args.tiny else "."),
-              "Loop rows (baseline, litgpt, torchtitan, olmo_core): random tokens, fused torch AdamW, bf16 autocast, "
+              "Loop rows (baseline, litgpt, torchtitan, olmo_core): "
+              + ("windows of --data_dir's training tokens (the llmtrain rows' text)" if args.loop_tokens == "shards"
+                 else "uniformly random tokens") + ", fused torch AdamW, bf16 autocast, "
               "peak memory = torch.cuda.max_memory_allocated over the run; llmtrain: `llmtrain fit` on --data_dir "
               "shards, the Throughput callback's window and peak memory. 'vs loop': against the baseline loop row of "
               "the same micro-batch, precision and gradient clipping (same recipe; llmtrain's configs clip).",
@@ -670,6 +705,10 @@ def main() -> None:
                              "device); the loop rows stay on one")
     parser.add_argument("--row_timeout", type=float, default=None, help="seconds one loop row may take (default: none)")
     parser.add_argument("--no_ceiling", action="store_true", help="skip measuring the bf16 matmul ceiling")
+    parser.add_argument("--loop_tokens", choices=["shards", "random"], default="shards",
+                        help="what the loop rows train on: windows of --data_dir's shards (the llmtrain rows' text, so "
+                             "data-dependent kernels such as the embedding's backward see the same tokens) or "
+                             "uniformly random tokens")
     parser.add_argument("--repeat_reference", action="store_true",
                         help="run each shape's baseline loop rows again after its other rows: the spread of the two "
                              "runs shows the drift over the call, and 'vs loop' is against their mean")
@@ -700,8 +739,9 @@ def main() -> None:
         torch.backends.cuda.matmul.allow_tf32 = True
         variant = args.baseline_variants[0]
         profile_path = Path(args.out) / f"profile_{args._worker}_{shapes[0]}_{variant}_mb{args.micro_batch_size}.md"
+        data = shard_tokens(args.data_dir, args.vocab_size) if args.loop_tokens == "shards" else None
         result = loop(args._worker, shapes[0], args.micro_batch_size, args.steps, args.warmup, args.vocab_size,
-                      args.tiny, args.profile, profile_path, parse_variant(variant, LOOP_LEVERS))
+                      args.tiny, args.profile, profile_path, parse_variant(variant, LOOP_LEVERS), data)
         print(json.dumps(result))
         return
 
@@ -709,8 +749,11 @@ def main() -> None:
         parser.error("no CUDA device: run on a GPU, or use --tiny for the CPU smoke test")
     args.out = Path(args.out).resolve()
     args.out.mkdir(parents=True, exist_ok=True)
-    if "llmtrain" in args.only and not (Path(args.data_dir) / "metadata.json").is_file():
-        parser.error(f"--data_dir {args.data_dir}: no prepared shards (metadata.json) there")
+    loops_on_shards = args.loop_tokens == "shards" and any(impl != "llmtrain" for impl in args.only)
+    if ("llmtrain" in args.only or loops_on_shards) and not (Path(args.data_dir) / "metadata.json").is_file():
+        parser.error(f"--data_dir {args.data_dir}: no prepared shards (metadata.json) there"
+                     + (" (the loop rows train on them: --loop_tokens random for random tokens)"
+                        if loops_on_shards else ""))
     signal.signal(signal.SIGTERM, raise_stopped)
     if not args.tiny and not args.no_ceiling:
         args.ceiling = matmul_ceiling()

@@ -112,6 +112,25 @@ def test_the_clip_lever_clips_the_loop_rows_gradients_every_step(monkeypatch):
     assert calls == [1.0, 1.0, 1.0]  # the clip row's three steps; the plain row clips nothing
 
 
+def test_the_loop_rows_train_on_windows_of_the_llmtrain_rows_shards(prepared_corpus):
+    import numpy as np
+    import torch
+    from throughput import loop, sample_windows, shard_tokens
+
+    from llmtrain.data.shards import open_split, read_metadata
+
+    shards = prepared_corpus["shards"]
+    data = shard_tokens(str(shards), vocab_size=320)
+    first = open_split(shards, read_metadata(shards), "train")[0].tokens
+    assert data.dtype == torch.int64 and np.array_equal(data[:len(first)].numpy(), first)
+    windows = sample_windows(torch.arange(1000), micro_batch=4, length=9, gen=torch.Generator().manual_seed(0))
+    assert windows.shape == (4, 9) and bool((windows.diff(dim=1) == 1).all())  # consecutive tokens
+    result = loop("baseline", "tiny", micro_batch=2, steps=3, warmup=1, vocab_size=320, tiny=True, data=data)
+    assert result["final_loss"] > 0
+    with pytest.raises(SystemExit, match="320 tokens, --vocab_size is 32000"):
+        shard_tokens(str(prepared_corpus["shards"]), vocab_size=32000)
+
+
 def test_result_rows_give_mfu_against_the_datasheet_and_the_measured_ceiling_and_name_a_failure():
     from throughput import result_rows
 
