@@ -255,7 +255,7 @@ def loop_model(impl: str, cfg: ModelConfig, device: torch.device, levers: tuple[
         f"{version}: model and cross-entropy compiled together" + (", torchao float8" if float8 else ""))
 
 
-def shard_tokens(data_dir: str, vocab_size: int, limit: int = 1 << 26) -> torch.Tensor:
+def shard_tokens(data_dir: str, vocab_size: int, limit: int = 1 << 24) -> torch.Tensor:
     """Up to `limit` training tokens of the prepared shards in `data_dir` (the llmtrain rows' data), as one int64
     tensor: what the loop rows sample their sequences from with --loop_tokens shards."""
     from llmtrain.data.shards import open_split, read_metadata
@@ -748,6 +748,7 @@ def main() -> None:
     if not args.tiny and not torch.cuda.is_available():
         parser.error("no CUDA device: run on a GPU, or use --tiny for the CPU smoke test")
     args.out = Path(args.out).resolve()
+    args.data_dir = str(Path(args.data_dir).resolve())  # the rows' subprocesses run in the repository
     args.out.mkdir(parents=True, exist_ok=True)
     loops_on_shards = args.loop_tokens == "shards" and any(impl != "llmtrain" for impl in args.only)
     if ("llmtrain" in args.only or loops_on_shards) and not (Path(args.data_dir) / "metadata.json").is_file():
