@@ -31,7 +31,7 @@ def _target_logits(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         # A masked sum, which inductor can fuse into the logsumexp's read of the logits, its backward into the
         # softmax-gradient kernel. gather's backward scatters into a dense fp32 (N, V) buffer that the next kernel
         # reads again (3.6 ms written + 3.6 ms read per step at 124M, micro-batch 64, H200 profile). The gain is
-        # measured on CPU only so far (benchmarks/loss_target.py, docs/benchmarks.md).
+        # measured on CPU only so far (benchmarks/loss_target.py; docs/benchmarks.md, "The loss").
         vocab = torch.arange(logits.shape[-1], device=logits.device)
         return torch.where(vocab == labels.unsqueeze(1), logits, 0.0).sum(-1)
     # Eager, the masked sum would materialise (N, V) tensors: gather reads one logit per row.

@@ -122,6 +122,19 @@ def test_compile_mode_is_checked_and_kept_in_the_checkpoint():
         "compile_mode"] == "reduce-overhead"
 
 
+@pytest.mark.parametrize("scope, compiled", [("blocks", True), ("model", False), ("off", False)])
+def test_under_compiled_blocks_the_loss_is_compiled_on_its_own(scope: str, compiled: bool):
+    """compile: blocks (ZeRO-3's) left the loss eager, on an fp32 copy of the (B, T, V) logits; it is now compiled
+    by itself (no parameters, so nothing of ZeRO-3's hooks to trace). Under `model` it is inside the compiled step."""
+    from llmtrain.training.loss import cross_entropy_and_z
+
+    module = LanguageModel(ModelConfig(**TINY), compile=scope)
+    module.configure_model()  # torch.compile is lazy: nothing compiles here
+    loss = module._cross_entropy
+    assert (getattr(loss, "_torchdynamo_orig_callable", None) is cross_entropy_and_z) == compiled
+    assert (loss is cross_entropy_and_z) == (not compiled)
+
+
 class _StepRecord(pl.Callback):
     """What each optimizer step trained with, keyed by Lightning's logging step: the mean loss of its micro-batches
     (Lightning hands each micro-batch's loss over divided by their number) and the learning rate it used."""
