@@ -58,7 +58,7 @@ from torch import Tensor
 from llmtrain.callbacks.stability import PREFIX, AttentionMonitor, LogitMonitor, WeightMonitor, is_deepspeed
 from llmtrain.compat import (deepspeed_global_grad_norm, rewind_optimizer_steps, set_found_inf,
                              takes_step_tensors, torch_optimizer)
-from llmtrain.training.agreement import mean_over_ranks
+from llmtrain.training.agreement import HostCopy, mean_over_ranks
 from llmtrain.training.step_log import log_step
 
 ACTIONS = ("log", "skip_step", "rollback")
@@ -115,24 +115,11 @@ class _Decision:
 
     step: int  # logging step
     global_step: int  # optimizer steps done before this one: checkpoints named <= this are from before it
-    host: Tensor
-    event: Optional[torch.cuda.Event]
+    values: HostCopy  # behind the decision's kernels: read later without waiting for later work
     fresh: bool = True  # made during the current batch
 
-    @classmethod
-    def start(cls, step: int, global_step: int, values: Tensor) -> "_Decision":
-        if values.is_cuda:  # copy behind the decision's kernels, read it later without waiting for later work
-            host = torch.empty(values.shape, dtype=values.dtype, pin_memory=True)
-            host.copy_(values, non_blocking=True)
-            event = torch.cuda.Event()
-            event.record()
-            return cls(step, global_step, host, event)
-        return cls(step, global_step, values, None)
-
     def read(self) -> tuple[float, float, float, bool]:
-        if self.event is not None:
-            self.event.synchronize()
-        loss, grad_norm, score, spike = self.host.tolist()
+        loss, grad_norm, score, spike = self.values.get().tolist()
         return loss, grad_norm, score, bool(spike)
 
 
@@ -266,7 +253,7 @@ class SpikeDetector(pl.Callback):
         self._flag = spike if self.action != "log" else ~torch.isfinite(score)
         self._flag_host = None
         values = torch.stack([loss, grad_norm, score, spike.float()])
-        self._pending.append(_Decision.start(log_step(trainer), trainer.global_step, values))
+        self._pending.append(_Decision(log_step(trainer), trainer.global_step, HostCopy(values)))
 
     def _skip(self, trainer: Optional[pl.Trainer], optimizer: torch.optim.Optimizer) -> None:
         """Makes this step's update a no-op when the flag of _decide is set."""

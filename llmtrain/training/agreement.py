@@ -17,6 +17,25 @@ import torch
 import torch.distributed as dist
 
 
+class HostCopy:
+    """A device tensor's copy to pinned host memory, queued behind the kernels that compute it and read later: the read
+    waits for those kernels only, not for the work the GPU has queued since. A CPU tensor is its own copy."""
+
+    def __init__(self, value: torch.Tensor) -> None:
+        self._event: Optional[torch.cuda.Event] = None
+        self._host = value
+        if value.is_cuda:
+            self._host = torch.empty(value.shape, dtype=value.dtype, pin_memory=True)
+            self._host.copy_(value, non_blocking=True)
+            self._event = torch.cuda.Event()
+            self._event.record()
+
+    def get(self) -> torch.Tensor:
+        if self._event is not None:
+            self._event.synchronize()
+        return self._host
+
+
 class StepAgreement:
     """A flag that any one rank can raise and all ranks act on at the same step.
 
@@ -26,7 +45,7 @@ class StepAgreement:
     """
 
     def __init__(self) -> None:
-        self._pending: Optional[tuple[torch.Tensor, Optional[torch.cuda.Event]]] = None
+        self._pending: Optional[HostCopy] = None
 
     def reset(self) -> None:
         """Forgets a submitted decision (a new fit starts its own sequence of calls)."""
@@ -39,24 +58,12 @@ class StepAgreement:
         # torch.full puts the value in the kernel's arguments: no copy from pageable host memory (which would sync)
         local = torch.full((1,), int(flag), dtype=torch.int32, device=trainer.strategy.root_device)
         dist.all_reduce(local, op=dist.ReduceOp.MAX)
-        if local.is_cuda:
-            host = torch.empty(local.shape, dtype=local.dtype, pin_memory=True)
-            host.copy_(local, non_blocking=True)
-            event = torch.cuda.Event()
-            event.record()
-            self._pending = (host, event)
-        else:  # gloo on CPU tensors: the all-reduce has completed on return
-            self._pending = (local, None)
+        self._pending = HostCopy(local)  # gloo on CPU tensors: the all-reduce has completed on return
         return agreed
 
     def _read(self) -> bool:
-        if self._pending is None:
-            return False
-        host, event = self._pending
-        self._pending = None
-        if event is not None:
-            event.synchronize()  # up to this copy only: the GPU keeps the work queued after it
-        return bool(host.item())
+        pending, self._pending = self._pending, None
+        return pending is not None and bool(pending.get().item())
 
 
 def mean_over_ranks(trainer: pl.Trainer, value: torch.Tensor) -> torch.Tensor:
