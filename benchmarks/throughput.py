@@ -273,11 +273,12 @@ def shard_tokens(data_dir: str, vocab_size: int, limit: int = 1 << 24) -> torch.
     return torch.from_numpy(np.concatenate(parts))
 
 
-def sample_windows(data: torch.Tensor, micro_batch: int, length: int, gen: torch.Generator) -> torch.Tensor:
-    """`micro_batch` windows of `length` consecutive tokens of `data` at random offsets, gathered on data's device (no
-    host copy per step): sequences as llmtrain's DataModule packs them, from the same text."""
-    starts = torch.randint(0, data.numel() - length + 1, (micro_batch, 1), device=data.device, generator=gen)
-    return data[starts + torch.arange(length, device=data.device)]
+def sample_windows(data: torch.Tensor, micro_batch: int, offsets: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """`micro_batch` windows of consecutive tokens of `data` at random starts (`offsets`: arange(window length) on
+    data's device), gathered there (no host copy per step): sequences as llmtrain's DataModule packs them, from the
+    same text."""
+    starts = torch.randint(0, data.numel() - len(offsets) + 1, (micro_batch, 1), device=data.device, generator=gen)
+    return data[starts + offsets]
 
 
 def loop(impl: str, shape: str, micro_batch: int, steps: int, warmup: int, vocab_size: int, tiny: bool,
@@ -305,10 +306,11 @@ def loop(impl: str, shape: str, micro_batch: int, steps: int, warmup: int, vocab
     clip, params = "clip" in levers, [p for p in model.parameters() if p.requires_grad]
 
     data = None if data is None else data.to(device)
+    offsets = torch.arange(seq + 1, device=device)  # a window's positions, made once
 
     def step() -> torch.Tensor:
         tokens = (torch.randint(0, vocab_size, (micro_batch, seq + 1), device=device, generator=gen) if data is None
-                  else sample_windows(data, micro_batch, seq + 1, gen))
+                  else sample_windows(data, micro_batch, offsets, gen))
         with autocast:
             loss = loss_fn(tokens)
         loss.backward()

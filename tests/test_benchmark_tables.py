@@ -123,7 +123,8 @@ def test_the_loop_rows_train_on_windows_of_the_llmtrain_rows_shards(prepared_cor
     data = shard_tokens(str(shards), vocab_size=320)
     first = open_split(shards, read_metadata(shards), "train")[0].tokens
     assert data.dtype == torch.int64 and np.array_equal(data[:len(first)].numpy(), first)
-    windows = sample_windows(torch.arange(1000), micro_batch=4, length=9, gen=torch.Generator().manual_seed(0))
+    windows = sample_windows(torch.arange(1000), micro_batch=4, offsets=torch.arange(9),
+                             gen=torch.Generator().manual_seed(0))
     assert windows.shape == (4, 9) and bool((windows.diff(dim=1) == 1).all())  # consecutive tokens
     result = loop("baseline", "tiny", micro_batch=2, steps=3, warmup=1, vocab_size=320, tiny=True, data=data)
     assert result["final_loss"] > 0
