@@ -91,8 +91,10 @@ LEVERS = {
     "cudagraphs": "compiled region replayed as CUDA graphs (model.compile_mode: reduce-overhead)",
     "layernorm": "LayerNorm (no bias) instead of RMSNorm: what the norm costs, at the same recipe (a model change, "
                  "compared with llmtrain shipped)",
-    "nolog": "no per-step scalars logged (trainer.log_every_n_steps 0; tokens/s still is): what the host reads of "
-             "train/loss and the other step values cost at the logging steps (every 10th as shipped, two reads each)",
+    "nolog": "no per-step scalars logged (trainer.log_every_n_steps 0; tokens/s still is): what logging the step "
+             "values at every 10th step costs as shipped (stacked and copied behind the step, written a step later)",
+    "synclog": "the two host reads of each logging step put back (benchmarks/host_reads.py): the loss after the "
+               "forward and the step's values at its end, as read before they were written a step late",
     "hostreads": "the four collectives each step of a distributed run read on the host up to commit fb33749, put back "
                  "(benchmarks/host_reads.py): what they cost, with --devices > 1 (on one device it changes nothing)",
 }
@@ -410,6 +412,8 @@ def llmtrain_config(shape: str, args: argparse.Namespace, levers: tuple[str, ...
             "output": str(args.out / f"profile_{name}.md")}})
     if "hostreads" in levers:  # importable from the fit's subprocess: run_llmtrain puts benchmarks/ on its path
         callbacks.append({"class_path": "host_reads.PerStepHostReads"})
+    if "synclog" in levers:
+        callbacks.append({"class_path": "host_reads.LoggingStepReads"})
     if args.profile_monitored and "nostab" not in levers:  # first in the list: its window takes in the probes
         callbacks.insert(0, {"class_path": "llmtrain.callbacks.StepProfiler", "init_args": {
             "start_step": monitored_step(args), "num_steps": 1,
@@ -498,7 +502,8 @@ def run_llmtrain(shape: str, micro_batch: int, levers: tuple[str, ...], args: ar
 
 
 def fit_env() -> dict[str, str]:
-    """The environment of an llmtrain row's fit: this one, with benchmarks/ importable (the hostreads callback)."""
+    """The environment of an llmtrain row's fit: this one, with benchmarks/ importable (the callbacks of the
+    hostreads and synclog levers)."""
     path = os.pathsep.join(p for p in (str(REPO / "benchmarks"), os.environ.get("PYTHONPATH")) if p)
     return {**os.environ, "PYTHONPATH": path}
 

@@ -184,19 +184,21 @@ def test_the_profiled_steps_of_an_llmtrain_row_hold_no_monitored_step(steps: int
 
 
 def test_llmtrain_rows_on_two_devices_with_the_host_reads_put_back(prepared_corpus, tmp_path):
-    """The script end to end on CPU (two gloo ranks per llmtrain row): the hostreads lever's callback is built into
-    the fit and changes no number; the rows are labelled with their devices."""
+    """The script end to end on CPU (two gloo ranks per llmtrain row): the callbacks of the hostreads and synclog
+    levers are built into the fits and change no number; the rows are labelled with their devices."""
     import json
     import subprocess
 
     script = Path(__file__).resolve().parents[1] / "benchmarks" / "throughput.py"
     subprocess.run([sys.executable, str(script), "--tiny", "--only", "llmtrain", "--devices", "2",
-                    "--variants", "shipped", "hostreads", "--steps", "8", "--warmup", "2", "--data_dir",
+                    "--variants", "shipped", "hostreads", "synclog", "--steps", "8", "--warmup", "2", "--data_dir",
                     str(prepared_corpus["shards"]), "--vocab_size", "320",
                     "--out", str(tmp_path)], check=True, capture_output=True, timeout=600)
-    shipped, hostreads = json.loads((tmp_path / "throughput.json").read_text())
-    assert [shipped["label"], hostreads["label"]] == ["llmtrain, 2 devices", "llmtrain (hostreads), 2 devices"]
-    assert shipped["final_loss"] == hostreads["final_loss"]
-    # In the fit's config, whose callbacks the CLI builds (an import failure would fail the row).
+    shipped, hostreads, synclog = json.loads((tmp_path / "throughput.json").read_text())
+    assert [shipped["label"], hostreads["label"], synclog["label"]] == [
+        "llmtrain, 2 devices", "llmtrain (hostreads), 2 devices", "llmtrain (synclog), 2 devices"]
+    assert shipped["final_loss"] == hostreads["final_loss"] == synclog["final_loss"]
+    # In the fits' configs, whose callbacks the CLI builds (an import failure would fail the row).
     assert "host_reads.PerStepHostReads" in (tmp_path / "llmtrain_tiny_hostreads.yaml").read_text()
+    assert "host_reads.LoggingStepReads" in (tmp_path / "llmtrain_tiny_synclog.yaml").read_text()
     assert "| llmtrain (hostreads), 2 devices | 8 | bf16 |" in (tmp_path / "throughput.md").read_text()

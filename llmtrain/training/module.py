@@ -17,7 +17,7 @@ from llmtrain.compat import (checkpoint_wrapper, compile_mode_options, ddp_wrapp
 from llmtrain.model import ConfigError, Decoder, ModelConfig
 from llmtrain.training.loss import cross_entropy_and_z
 from llmtrain.training.optim import OptimConfig, ScheduleLR, build_optimizer
-from llmtrain.training.step_log import log_step, log_values
+from llmtrain.training.step_log import DeferredStepLog, FlushStepLog, log_step
 
 CompileScope = Literal["off", "model", "blocks"]
 # torch.compile's modes; "reduce-overhead" replays the compiled graphs as CUDA graphs (one launch per graph: for
@@ -97,6 +97,7 @@ class LanguageModel(pl.LightningModule):
         self._micro_batches = 0
         self._step_values: dict[str, torch.Tensor] = {}
         self._step_host: dict[str, float] = {}
+        self.step_log = DeferredStepLog()  # the values of the last logging step, until the next step boundary
         self._scaled_optimizer: Optional[torch.optim.Optimizer] = None  # holds a clipping grad_scale this step
         self.tokens_seen = 0  # global count of trained tokens, restored on resume
         self.run_config: Optional[str] = None  # the resolved YAML, set by the CLI and stored in checkpoints
@@ -147,16 +148,14 @@ class LanguageModel(pl.LightningModule):
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         ce, z = self._loss_fn(batch)
         loss = ce + self.z_loss_coef * z
-        # The per-step scalars stay on the device until on_train_batch_end writes them at Lightning's logging steps,
-        # in one transfer. Not through self.log: its bookkeeping took a third of the host time of a step on the CI
-        # machine (6 calls per step), and a host read every step stalls the CPU's lead over the GPU (measured 10% at
-        # 124M on an H100). The progress bar gets the loss at logging steps only, where it is read anyway.
+        # The per-step scalars stay on the device until on_train_batch_end queues them, at Lightning's logging steps,
+        # for one transfer written a step later (DeferredStepLog; the progress bar shows them from there). Not
+        # through self.log: its bookkeeping took a third of the host time of a step on the CI machine (6 calls per
+        # step), and a host read every step stalls the CPU's lead over the GPU (measured 10% at 124M on an H100).
         # Under gradient accumulation, the mean over the step's micro-batches: the loss the optimizer step followed.
         self._micro_batches += 1
         for tag, value in (("train/loss", loss), ("train/ce_loss", ce), ("train/z_loss", z)):  # z: mean log²Z,
             self._step_sums[tag] = self._step_sums.get(tag, 0.0) + value.detach()  # logged even at coef 0
-        if self._logging_step():
-            self.log("loss", loss.detach().cpu(), prog_bar=True, logger=False)
         # Counted here, not at batch end: checkpoint callbacks run before the module's batch-end hook.
         self.tokens_seen += batch["input_ids"].numel() * self.trainer.world_size
         # Host values as they are at this step (the scheduler steps before the batch-end hook)
@@ -235,13 +234,24 @@ class LanguageModel(pl.LightningModule):
                 self._step_values["train/grad_norm"] = norm.float()
             elif norm is not None:
                 # DeepSpeed also returns Python floats (0 before the first step, inf on overflow): a host value,
-                # not a CPU tensor that log_values would stack with the device ones.
+                # not a CPU tensor that the step log would stack with the device ones.
                 self._step_host["train/grad_norm"] = float(norm)
-        if self._logging_step():  # the module's hook runs after the callbacks', as Lightning's own logging does
+        trainer = self.trainer
+        if not self._logging_step():  # the module's hook runs after the callbacks', as Lightning's own logging does
+            self.step_log.flush(trainer)  # the previous logging step's values, a step boundary after their submit
+        else:
             means = {tag: total / self._micro_batches for tag, total in self._step_sums.items()}
-            log_values(self.trainer, {**means, **self._step_values}, log_step(self.trainer), host=self._step_host)
-        if not should_accumulate(self.trainer):
+            self.step_log.submit(trainer, {**means, **self._step_values}, log_step(trainer), host=self._step_host)
+            if trainer.should_stop or 0 < trainer.max_steps <= trainer.global_step:
+                self.step_log.flush(trainer)  # the run's last step: nothing is queued behind it to wait for
+        if not should_accumulate(trainer):
             self._step_values, self._step_sums, self._micro_batches = {}, {}, 0
+
+    def on_validation_start(self) -> None:
+        self.step_log.flush(self.trainer)  # the step's values before validation's: in order in the logs and lines
+
+    def configure_callbacks(self) -> list[pl.Callback]:
+        return [FlushStepLog(self.step_log)]  # the last logging step's values, at the end of training or an error
 
     # This validation's (sum of batch loss x batch size, sum of batch sizes) on this rank, for val/ppl.
     _val_loss_sums: Optional[torch.Tensor] = None

@@ -7,7 +7,7 @@ import torch
 from llmtrain.model import ConfigError, ModelConfig
 from llmtrain.training.module import LanguageModel, check_compatible
 from llmtrain.training.optim import OptimConfig
-from tests.callbacks import fit, random_batches, tiny_config
+from tests.callbacks import CaptureLogger, fit, random_batches, tiny_config
 
 TINY = dict(vocab_size=64, max_seq_len=16, d_model=32, n_layer=2, n_head=2)
 
@@ -164,6 +164,84 @@ def test_train_values_are_written_at_lightnings_logging_steps_with_that_steps_va
         assert scalars["train/loss"][step] == pytest.approx(record.loss[step], rel=1e-6)
         assert scalars["train/lr"][step] == record.lr[step]  # the rate the step trained with, not the next one
         assert scalars["train/tokens"][step] == (step + 1) * accumulate * 4 * 16
+
+
+class _Written(pl.Callback):
+    """The logging steps whose train/loss the logger holds at the start of each optimizer step."""
+
+    def __init__(self, logger) -> None:
+        self.logger, self.at_start = logger, {}
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self.at_start[trainer.global_step] = sorted(self.logger.scalars.get("train/loss", {}))
+
+
+def test_a_logging_steps_values_are_written_a_step_boundary_later_and_the_last_steps_at_once():
+    logger = CaptureLogger()
+    written = _Written(logger)
+    module = LanguageModel(tiny_config(), OptimConfig(lr=1e-2, warmup_steps=1, total_steps=6))
+    trainer, _ = fit(module, random_batches(6), [written], max_steps=6, log_every_n_steps=2, logger=logger)
+    # Logging steps 1, 3, 5 (optimizer steps 2, 4, 6): step 2's values are queued at its end and written at the end
+    # of step 3, so they are missing at the start of step 3 and there at the start of step 4.
+    assert written.at_start[2] == [] and written.at_start[3] == [1] and written.at_start[4] == [1]
+    assert written.at_start[5] == [1, 3]
+    assert sorted(logger.scalars["train/loss"]) == [1, 3, 5]  # the last step's at once, not left pending
+    step, values = module.step_log.last
+    assert step == trainer.global_step == 6 and values["train/loss"] == logger.scalars["train/loss"][5]
+
+
+class _FailAt(pl.Callback):
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step == self.step:
+            raise RuntimeError("planted failure")
+
+
+def test_the_values_of_the_last_logging_step_before_an_error_are_written():
+    logger = CaptureLogger()
+    module = LanguageModel(tiny_config(), OptimConfig(lr=1e-2, warmup_steps=1, total_steps=6))
+    with pytest.raises(RuntimeError, match="planted failure"):
+        # Step 2 is a logging step; step 3 fails in a callback, before the module's batch end would write step 2's.
+        fit(module, random_batches(6), [_FailAt(3)], max_steps=6, log_every_n_steps=2, logger=logger)
+    assert sorted(logger.scalars["train/loss"]) == [1]
+
+
+class _SyncFreeModule(LanguageModel):
+    """Raises at any host synchronization in its own per-step work (torch.cuda.set_sync_debug_mode): the forward
+    and loss, clipping, and the batch end of a logging step. A non-logging step's batch end may wait: it writes
+    the previous logging step's values, whose event the GPU has passed by then."""
+
+    def _sync_free(self, call, *args):
+        if self.trainer.global_step < 2:  # the first steps allocate and warm up
+            return call(*args)
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            return call(*args)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+
+    def training_step(self, batch, batch_idx):
+        return self._sync_free(super().training_step, batch, batch_idx)
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
+        return self._sync_free(super().configure_gradient_clipping, optimizer, gradient_clip_val,
+                               gradient_clip_algorithm)
+
+    def on_train_batch_end(self, outputs, batch, batch_idx):
+        if self._logging_step():
+            return self._sync_free(super().on_train_batch_end, outputs, batch, batch_idx)
+        return super().on_train_batch_end(outputs, batch, batch_idx)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_on_a_gpu_a_logging_step_reads_nothing_on_the_host():
+    logger = CaptureLogger()
+    module = _SyncFreeModule(tiny_config(), OptimConfig(lr=1e-2, warmup_steps=1, total_steps=8, fused=True))
+    fit(module, random_batches(8), [], max_steps=8, log_every_n_steps=2, logger=logger, accelerator="gpu",
+        precision="bf16-mixed", gradient_clip_val=1.0)
+    assert sorted(logger.scalars["train/loss"]) == [1, 3, 5, 7]
 
 
 def _fused_pair() -> tuple[LanguageModel, LanguageModel]:
