@@ -26,7 +26,8 @@ With --profile N, every row also profiles N steps after its timed window (StepPr
 through the same function: profile_<row>.md), so the rows' kernel time can be compared category by category, and
 traces N more with kernel activity only for the report's device timeline (where the GPU waits for the host).
 Every row runs in its own subprocess (fresh compile caches, its own peak-memory counter). The first --warmup steps
-(compile, allocator) are excluded; the timed window is steps warmup+1..steps.
+(compile, allocator) are excluded; the timed window is steps warmup+1..steps. Under the table, each row's SM clock,
+temperature and power over its timed window (nvidia-smi in the background, benchmarks/gpu_state.py).
 SIGTERM (e.g. `timeout 540`) ends the script early but still writes the table of the rows done, and keeps an
 interrupted llmtrain row whose timed window its run had already logged.
 MFU = tokens/s x (6*N_matmul + 12*n_layer*d_model*seq) / peak for every row (ModelConfig.flops_per_token; N_matmul
@@ -67,6 +68,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 from llmtrain.model.config import ModelConfig  # noqa: E402  (the FLOPs formula and the GLU d_ff rule only)
 from llmtrain.config_files import resolved_config  # noqa: E402
+from gpu_state import GpuSampler, state_lines, window_summary  # noqa: E402  (benchmarks/, the script's folder)
 
 PEAK_FLOPS = 989e12  # H100/H200 SXM dense bf16 datasheet figure
 SEQ = 2048
@@ -332,13 +334,15 @@ def loop(impl: str, shape: str, micro_batch: int, steps: int, warmup: int, vocab
     for _ in range(warmup):
         step()
     start = clock()
+    window_start = time.time()
     for _ in range(steps - warmup):
         loss = step()
     elapsed = clock() - start
     timed = steps - warmup
     result = {"tokens_per_sec": timed * micro_batch * seq / elapsed, "step_ms": 1e3 * elapsed / timed,
               "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
-              "final_loss": loss.item(), "params": n_params, "settings": settings}
+              "final_loss": loss.item(), "params": n_params, "settings": settings,
+              "window": [window_start, time.time()]}
     if profile and profile_path is not None:  # after the timed window, as the llmtrain rows' StepProfiler
         from llmtrain.callbacks.profile import profile_report, timeline_lines
 
@@ -520,8 +524,20 @@ def llmtrain_result(run_dir: Path, micro_batch: int, args: argparse.Namespace) -
     seq = TINY_SEQ if args.tiny else SEQ
     mem = scalars.get("train/gpu_mem_peak_gib", {})
     loss = scalars.get("train/loss", {})
-    return {"tokens_per_sec": tokens_per_sec, "step_ms": 1e3 * micro_batch * seq * args.devices / tokens_per_sec,
-            "peak_gib": max(mem.values()) if mem else None, "final_loss": loss[max(loss)] if loss else None}
+    step_ms = 1e3 * micro_batch * seq * args.devices / tokens_per_sec
+    # The window's end: when its tokens/s was logged (once the GPU had passed it, within a step or two).
+    end = logged_at(run_dir, "train/tokens_per_sec")
+    return {"tokens_per_sec": tokens_per_sec, "step_ms": step_ms,
+            "peak_gib": max(mem.values()) if mem else None, "final_loss": loss[max(loss)] if loss else None,
+            "window": [end - (args.steps - args.warmup) * step_ms / 1e3, end]}
+
+
+def logged_at(run_dir: Path, tag: str) -> float:
+    """The wall time (time.time()) at which `tag` was last logged in the run."""
+    from llmtrain.events import accumulators
+
+    return max(event.wall_time for accumulator in accumulators(run_dir)
+               if tag in accumulator.Tags()["scalars"] for event in accumulator.Scalars(tag))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -635,7 +651,7 @@ def table(results: list[dict], args: argparse.Namespace) -> str:
               *[f"Lever {name}: {what}." for name, what in {**LEVERS, **LOOP_LEVERS}.items()
                 if any(name in row_levers(r) for r in results)]]
     memory = torch.cuda.get_device_properties(0).total_memory / 2**30 if torch.cuda.is_available() else None
-    return "\n".join(lines + largest_micro_batch(results, memory))
+    return "\n".join(lines + state_lines(results) + largest_micro_batch(results, memory))
 
 
 def result_rows(results: list[dict], ceiling: Optional[float], tiny: bool) -> list[str]:
@@ -777,11 +793,14 @@ def main() -> None:
         label += ", repeated last" if repeat else ""
         print(f"[throughput] {shape} {label} (micro-batch {micro_batch}, {args.steps} steps)...", flush=True)
         start = time.time()
-        try:
-            r = (run_llmtrain(shape, micro_batch, levers, args) if impl == "llmtrain"
-                 else run_worker(impl, shape, micro_batch, variant, args, 0 if repeat else args.profile))
-        except Stopped:  # an llmtrain row that logged its timed window is kept by run_llmtrain
-            r = {"failed": "stopped (SIGTERM) before the row finished", "stopped": True}
+        with GpuSampler() as sampler:
+            try:
+                r = (run_llmtrain(shape, micro_batch, levers, args) if impl == "llmtrain"
+                     else run_worker(impl, shape, micro_batch, variant, args, 0 if repeat else args.profile))
+            except Stopped:  # an llmtrain row that logged its timed window is kept by run_llmtrain
+                r = {"failed": "stopped (SIGTERM) before the row finished", "stopped": True}
+        if r.get("window"):
+            r["gpu_state"] = window_summary(sampler.samples, *r["window"])
         r.update(shape=shape, impl=impl, variant=variant, label=label, micro_batch=micro_batch, devices=devices,
                  repeat=repeat,
                  wall_s=round(time.time() - start, 1), flops_per_token=cfg.flops_per_token(cfg.max_seq_len))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import sys
 from pathlib import Path
 
@@ -202,3 +203,48 @@ def test_llmtrain_rows_on_two_devices_with_the_host_reads_put_back(prepared_corp
     assert "host_reads.PerStepHostReads" in (tmp_path / "llmtrain_tiny_hostreads.yaml").read_text()
     assert "host_reads.LoggingStepReads" in (tmp_path / "llmtrain_tiny_synclog.yaml").read_text()
     assert "| llmtrain (hostreads), 2 devices | 8 | bf16 |" in (tmp_path / "throughput.md").read_text()
+
+
+def test_gpu_state_is_summarised_over_a_rows_timed_window_only():
+    from datetime import datetime
+
+    from gpu_state import parse_samples, state_lines, window_summary
+
+    text = ("2026/12/05 01:00:00.000, 1980, 40, 150.00\n"  # compiling: before the window
+            "2026/12/05 01:00:01.000, 1980, 55, 650.50\n"
+            "2026/12/05 01:00:01.500, 1755, 61, 699.90\n"
+            "2026/12/05 01:00:02.000, 1830, 60, [N/A]\n"  # a value nvidia-smi could not read: skipped
+            "2026/12/05 01:00:02.500, 1905, 58, 640.00\n"
+            "2026/12/05 01:00:03.500, 1980, 45, 200.00\n"  # profiling: after it
+            "2026/12/05 01:00:04.0")  # cut off when sampling stopped
+    samples = parse_samples(text)
+    assert len(samples) == 5
+    start = datetime(2026, 12, 5, 1, 0, 1).timestamp()
+    state = window_summary(samples, start, start + 1.6)
+    assert state == {"sm_mhz_median": 1905.0, "sm_mhz_min": 1755.0, "temp_c_max": 61.0,
+                     "power_w_mean": pytest.approx((650.5 + 699.9 + 640.0) / 3), "samples": 3}
+    assert window_summary(samples, start + 10, start + 11) is None
+    lines = state_lines([{"shape": "124m", "label": "llmtrain", "gpu_state": state}, {"shape": "124m", "label": "x"}])
+    assert lines[-1] == "| 124m llmtrain | 1905 (1755) | 61 | 663 | 3 |" and len(lines) == 6
+
+
+def test_without_nvidia_smi_the_sampler_has_no_samples_and_the_table_no_section(monkeypatch):
+    from gpu_state import GpuSampler, state_lines
+
+    monkeypatch.setenv("PATH", "")
+    with GpuSampler() as sampler:
+        pass
+    assert sampler.samples == [] and state_lines([{"shape": "124m", "label": "loop", "gpu_state": None}]) == []
+
+
+@pytest.mark.skipif(shutil.which("nvidia-smi") is None, reason="needs nvidia-smi (a GPU machine)")
+def test_on_a_gpu_machine_the_sampler_reads_nvidia_smi():
+    import time
+
+    from gpu_state import GpuSampler, window_summary
+
+    start = time.time()
+    with GpuSampler(interval_ms=200) as sampler:
+        time.sleep(2)
+    state = window_summary(sampler.samples, start, time.time())
+    assert state is not None and state["samples"] >= 3 and state["sm_mhz_median"] > 0, sampler.samples
