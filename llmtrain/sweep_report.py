@@ -180,6 +180,15 @@ class Spread:
         return self.fmt(self.mean) if self.n == 1 else f"{self.fmt(self.mean)} ± {self.fmt(self.std)}"
 
 
+def _shown(path: str) -> str:
+    """A path of the manifest (absolute, for the runs) as the report shows it: relative to the current directory
+    where it lies inside it (the repository, when run from there), so the report names no machine's folders."""
+    try:
+        return Path(path).relative_to(Path.cwd()).as_posix()
+    except ValueError:
+        return path
+
+
 def _thousands(value: float) -> str:
     return f"{value:,.0f}"
 
@@ -707,8 +716,8 @@ def write_sweep_report(sweep_dir: Path, out: Path, noise_dir: Optional[Path] = N
     budgets = {r.get("tokens") for r in manifest.get("runs", [])}
     tokens = f"{budgets.pop():,} tokens per run" if len(budgets) == 1 and None not in budgets else \
         "tokens (the budget is not computable from the config)"
-    text += [f"- Folder: `{sweep_dir}`; spec: `{manifest.get('spec', '?')}`; base: "
-             + ", ".join(f"`{b}`" for b in manifest.get("base", [])),
+    text += [f"- Folder: `{sweep_dir}`; spec: `{_shown(manifest.get('spec', '?'))}`; base: "
+             + ", ".join(f"`{_shown(b)}`" for b in manifest.get("base", [])),
              f"- Held equal: {tokens}" + (f"; {match['quantity']} (sized by `{match['by']}`)" if match
                                           else "; parameters not matched"),
              f"- Seeds: {seeds} (seed s of every variant shares init and data order); "

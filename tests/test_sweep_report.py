@@ -146,6 +146,19 @@ def test_another_baseline_compares_every_variant_with_it_and_an_unknown_one_name
         write_sweep_report(sweep, tmp_path / "report2", baseline="tall")
 
 
+def test_the_spec_and_bases_are_named_relative_to_the_current_directory_where_inside_it(tmp_path, monkeypatch):
+    sweep = tmp_path / "sweep"
+    runs = [plant_run(sweep, variant, seed, [5.0, 4.0]) for variant in ("base", "wide") for seed in (1, 2)]
+    write_manifest(sweep, runs, ["base", "wide"], [1, 2])
+    manifest = json.loads((sweep / "sweep.json").read_text())
+    manifest.update(spec=str(tmp_path / "specs" / "wide.yaml"), base=[str(tmp_path / "configs" / "base.yaml"),
+                                                                      "/elsewhere/scale.yaml"])
+    (sweep / "sweep.json").write_text(json.dumps(manifest))
+    monkeypatch.chdir(tmp_path)
+    text = write_sweep_report(sweep, tmp_path / "report").read_text()
+    assert "spec: `specs/wide.yaml`; base: `configs/base.yaml`, `/elsewhere/scale.yaml`" in text
+
+
 def test_diverged_runs_are_left_out_and_named_stability_is_per_variant_and_json_is_strict(tmp_path):
     sweep = tmp_path / "sweep"
     runs = []
