@@ -360,7 +360,7 @@ def loop(impl: str, shape: str, micro_batch: int, steps: int, warmup: int, vocab
         if cuda:  # the next steps traced with kernel activity only, as StepProfiler's second window
             kernel_trace, kernel_wall_us = traced([cuda_activity])
             timeline = timeline_lines(kernel_trace, profile, kernel_wall_us)
-        profile_path.write_text(profile_report(prof.key_averages(), profile, wall_us,
+        profile_path.write_text(profile_report(prof.key_averages(), profile, wall_us, cuda,
                                                by_shape=prof.key_averages(group_by_input_shape=True),
                                                timeline=timeline))
     return result

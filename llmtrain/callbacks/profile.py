@@ -91,10 +91,12 @@ class StepProfiler(pl.Callback):
         self._tables: Optional[tuple[Any, Any, int, float]] = None  # the first window: events, by shape, steps, wall
         self._timeline: Optional[list[str]] = None  # the second window's report section
         self._done = False
+        self._cuda = False  # the run trains on a CUDA device (not merely one present)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # trainer.log_dir broadcasts from rank 0, so every rank must ask for it, here, not rank 0 alone later
         self._path = self.output or os.path.join(trainer.log_dir or trainer.default_root_dir, "profile.md")
+        self._cuda = pl_module.device.type == "cuda"
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
                              batch_idx: int) -> None:
@@ -103,13 +105,12 @@ class StepProfiler(pl.Callback):
         # sits in the list; put it first to also take in the others' batch-start work (the monitors' probes).
         step = trainer.global_step
         if self._prof is not None and step >= self._window_start + self.num_steps:
-            if self._end_window(step - self._window_start) and torch.cuda.is_available():
+            if self._end_window(step - self._window_start) and self._cuda:
                 self._start_window(step, [ProfilerActivity.CUDA])  # the kernel-only timeline window
             else:
                 self._write()
         if trainer.is_global_zero and self._tables is None and self._prof is None and step == self.start_step:
-            self._start_window(step, [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA]
-                                                               if torch.cuda.is_available() else []))
+            self._start_window(step, [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self._cuda else []))
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not trainer.is_global_zero:
@@ -128,7 +129,7 @@ class StepProfiler(pl.Callback):
 
     def _start_window(self, step: int, activities: list[ProfilerActivity]) -> None:
         self._prof = torch.profiler.profile(activities=activities, record_shapes=ProfilerActivity.CPU in activities)
-        if torch.cuda.is_available():
+        if self._cuda:
             torch.cuda.synchronize()  # the previous step's kernels are not this window's
         self._prof.start()
         self._window_start, self._t0 = step, time.perf_counter()
@@ -136,7 +137,7 @@ class StepProfiler(pl.Callback):
     def _end_window(self, steps: int) -> bool:
         """Stops the running window and keeps what the report needs from it: the tables' events from the first, the
         kernel timeline from the second. True after the first."""
-        if torch.cuda.is_available():
+        if self._cuda:
             torch.cuda.synchronize()  # the window's kernels have all run before the clock stops
         wall_us = (time.perf_counter() - self._t0) * 1e6
         prof, self._prof = self._prof, None
@@ -156,16 +157,15 @@ class StepProfiler(pl.Callback):
             return
         os.makedirs(os.path.dirname(os.path.abspath(self._path)), exist_ok=True)
         with open(self._path, "w") as f:
-            f.write(profile_report(events, steps, wall_us, self.row_limit, by_shape, self._timeline))
+            f.write(profile_report(events, steps, wall_us, self._cuda, self.row_limit, by_shape, self._timeline))
 
 
-def profile_report(events: Any, steps: int, wall_us: float, row_limit: int = 25, by_shape: Any = None,
+def profile_report(events: Any, steps: int, wall_us: float, cuda: bool, row_limit: int = 25, by_shape: Any = None,
                    timeline: Optional[list[str]] = None) -> str:
     """The markdown report of `steps` profiled steps (torch.profiler key_averages()) that took `wall_us` in all:
-    on CUDA, device time per kernel category and the top kernels; on CPU, the top ops. With `by_shape`
-    (key_averages(group_by_input_shape=True) of a profile that recorded shapes), also the matmuls by shape; with
-    `timeline` (timeline_lines of a kernel-only trace), the device timeline."""
-    cuda = torch.cuda.is_available()
+    for a run on CUDA (`cuda`), device time per kernel category and the top kernels; on CPU, the top ops. With
+    `by_shape` (key_averages(group_by_input_shape=True) of a profile that recorded shapes), also the matmuls by
+    shape; with `timeline` (timeline_lines of a kernel-only trace), the device timeline."""
     device = torch.cuda.get_device_name() if cuda else "CPU"
     lines = [f"# Step profile: {device}, {steps} steps recorded, {wall_us / steps / 1e3:.2f} ms wall per step", ""]
     lines += (device_tables if cuda else cpu_table)(events, steps, wall_us, row_limit)

@@ -27,8 +27,8 @@ class SyncAudit(pl.Callback):
 
     The window runs from the batch start of `start_step` to the batch start `num_steps` steps later: every hook of
     those steps, and the next batch's fetch and transfer. `syncs` holds (global step, stack) per synchronization,
-    innermost frame last; `output` (a file path), a markdown report grouped by call site, from rank 0. On a machine
-    without CUDA there is nothing to audit, and a warning says so.
+    innermost frame last; `output` (a file path), a markdown report grouped by call site, from rank 0. A run
+    that does not train on CUDA has nothing to audit, and a warning says so.
     """
 
     def __init__(self, start_step: int = 10, num_steps: int = 10, output: Optional[str] = None) -> None:
@@ -48,7 +48,7 @@ class SyncAudit(pl.Callback):
         if self._catch is not None and step >= self.start_step + self.num_steps:
             self._stop(trainer)
         elif self._catch is None and not self._done and step >= self.start_step:
-            self._start(trainer)
+            self._start(trainer, pl_module)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._catch is not None:
@@ -58,9 +58,10 @@ class SyncAudit(pl.Callback):
         if self._catch is not None:
             self._stop(trainer)
 
-    def _start(self, trainer: pl.Trainer) -> None:
-        if not debug_mode_available():
-            rank_zero_warn("SyncAudit: no CUDA device, so no host synchronization to find; nothing is audited")
+    def _start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not trains_on_cuda(pl_module):
+            rank_zero_warn("SyncAudit: the model is not on a CUDA device, so there is no host synchronization to "
+                           "find; nothing is audited")
             self._done = True
             return
         self._trainer, self._first = trainer, trainer.global_step
@@ -107,8 +108,8 @@ class SyncAudit(pl.Callback):
         return "\n".join(lines) + "\n"
 
 
-def debug_mode_available() -> bool:
-    return torch.cuda.is_available()
+def trains_on_cuda(pl_module: pl.LightningModule) -> bool:
+    return pl_module.device.type == "cuda"
 
 
 def set_debug_mode(mode: str) -> None:

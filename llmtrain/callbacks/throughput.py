@@ -82,13 +82,15 @@ class Throughput(pl.Callback):
         self._tokens = 0
         self._steps = 0
         self._pending: list[_Window] = []  # closed windows not yet reported
+        self._cuda = False
         self.last_metrics: dict[str, float] = {}
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._clock = self._make_clock(pl_module)
         self._start, self._tokens, self._steps, self._pending = None, 0, 0, []
-        if self.peak_tflops is None and torch.cuda.is_available():
-            self.peak_tflops = peak_tflops_for(torch.cuda.get_device_name())
+        self._cuda = pl_module.device.type == "cuda"  # not merely a GPU present: a CPU run beside one has no peak
+        if self.peak_tflops is None and self._cuda:
+            self.peak_tflops = peak_tflops_for(torch.cuda.get_device_name(pl_module.device))
         if self.peak_tflops is None:
             rank_zero_warn("Throughput: no peak FLOP/s known for this device; train/mfu is not logged "
                            "(set peak_tflops to log it).")
@@ -132,7 +134,7 @@ class Throughput(pl.Callback):
             if self.peak_tflops is not None:
                 metrics["train/mfu"] = (tokens_per_sec * window.flops_per_token /
                                         (self.peak_tflops * 1e12 * trainer.world_size))
-            if torch.cuda.is_available():  # the allocator's own counter: no device sync
+            if self._cuda:  # the allocator's own counter: no device sync
                 metrics["train/gpu_mem_peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
             self.last_metrics = metrics
             if trainer.is_global_zero:  # straight to the loggers: the window need not align with log_every_n_steps

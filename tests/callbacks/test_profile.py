@@ -195,8 +195,7 @@ class _FakeProfiler:
 @pytest.mark.parametrize("end_step, timeline_steps", [(9, 2), (5, 1)])
 def test_on_cuda_a_kernel_only_window_follows_the_first(tmp_path, monkeypatch, end_step: int,
                                                         timeline_steps: int) -> None:
-    # The window logic on a machine without a GPU: CUDA claimed available, the profiler replaced
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    # The window logic on a machine without a GPU: a module on "cuda", the CUDA calls and the profiler replaced
     monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda: "a GPU")
     monkeypatch.setattr(torch.profiler, "profile", _FakeProfiler)
@@ -204,7 +203,7 @@ def test_on_cuda_a_kernel_only_window_follows_the_first(tmp_path, monkeypatch, e
     output = tmp_path / "p.md"
     profiler = StepProfiler(start_step=2, num_steps=2, output=str(output))
     trainer = SimpleNamespace(global_step=0, is_global_zero=True, log_dir=str(tmp_path))
-    profiler.on_train_start(trainer, None)
+    profiler.on_train_start(trainer, SimpleNamespace(device=torch.device("cuda")))
     for step in range(end_step):  # each step's batch start
         trainer.global_step = step
         profiler.on_train_batch_start(trainer, None, None, step)

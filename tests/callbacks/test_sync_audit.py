@@ -41,7 +41,7 @@ def planted_read(pl_module) -> None:
 
 def test_the_window_records_each_synchronization_with_its_call_site_and_passes_other_warnings(tmp_path, monkeypatch):
     modes = []
-    monkeypatch.setattr(sync_audit, "debug_mode_available", lambda: True)  # the CPU stands in for the device here
+    monkeypatch.setattr(sync_audit, "trains_on_cuda", lambda pl_module: True)  # the CPU stands in for the GPU here
     monkeypatch.setattr(sync_audit, "set_debug_mode", modes.append)
     audit = SyncAudit(start_step=3, num_steps=3, output=str(tmp_path / "syncs.md"))
     with pytest.warns(UserWarning, match="an unrelated warning"):  # passed on, inside the window as outside
@@ -55,9 +55,9 @@ def test_the_window_records_each_synchronization_with_its_call_site_and_passes_o
     assert "| 2 | 4, 5 | `" in report and "on_train_batch_end" in report
 
 
-def test_without_cuda_nothing_is_audited_and_a_warning_says_so():
+def test_a_run_not_on_cuda_is_not_audited_and_a_warning_says_so():
     audit = SyncAudit(start_step=1, num_steps=2)
-    with pytest.warns(UserWarning, match="SyncAudit: no CUDA device"):
+    with pytest.warns(UserWarning, match="SyncAudit: the model is not on a CUDA device"):  # a CPU run, GPU or not
         fit(LanguageModel(tiny_config(), OPTIM), random_batches(4), [audit], max_steps=4)
     assert audit.syncs == []
 
