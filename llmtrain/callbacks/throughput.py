@@ -86,18 +86,17 @@ class Throughput(pl.Callback):
         self.last_metrics: dict[str, float] = {}
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._cuda = pl_module.device.type == "cuda"  # not merely a GPU present: a CPU run beside one has no peak
         self._clock = self._make_clock(pl_module)
         self._start, self._tokens, self._steps, self._pending = None, 0, 0, []
-        self._cuda = pl_module.device.type == "cuda"  # not merely a GPU present: a CPU run beside one has no peak
         if self.peak_tflops is None and self._cuda:
             self.peak_tflops = peak_tflops_for(torch.cuda.get_device_name(pl_module.device))
         if self.peak_tflops is None:
             rank_zero_warn("Throughput: no peak FLOP/s known for this device; train/mfu is not logged "
                            "(set peak_tflops to log it).")
 
-    @staticmethod
-    def _make_clock(pl_module: pl.LightningModule) -> Any:
-        return DeviceClock() if pl_module.device.type == "cuda" else HostClock()
+    def _make_clock(self, pl_module: pl.LightningModule) -> Any:
+        return DeviceClock() if self._cuda else HostClock()
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any,
                            batch: Any, batch_idx: int) -> None:

@@ -32,14 +32,18 @@ def log_values(trainer: pl.Trainer, metrics: dict[str, Tensor], step: int,
     if not trainer.is_global_zero or not (metrics or host):
         return {}
     values = _stacked(metrics).tolist() if metrics else []  # the one sync
-    logged = {**dict(zip(metrics, values)), **(host or {})}
-    for logger in trainer.loggers:
-        log_to(logger, logged, step)
-    return logged
+    return _write(trainer, dict(zip(metrics, values)), host or {}, step)
 
 
 def _stacked(metrics: dict[str, Tensor]) -> Tensor:
     return torch.stack([v.detach().float().reshape(()) for v in metrics.values()])
+
+
+def _write(trainer: pl.Trainer, values: dict[str, float], host: dict[str, float], step: int) -> dict[str, float]:
+    logged = {**values, **host}
+    for logger in trainer.loggers:
+        log_to(logger, logged, step)
+    return logged
 
 
 @dataclass
@@ -80,10 +84,7 @@ class DeferredStepLog:
         if pending is None:
             return
         values = pending.values.get().tolist() if pending.values is not None else []
-        logged = {**dict(zip(pending.tags, values)), **pending.host}
-        for logger in trainer.loggers:
-            log_to(logger, logged, pending.step)
-        self.last = (pending.global_step, logged)
+        self.last = (pending.global_step, _write(trainer, dict(zip(pending.tags, values)), pending.host, pending.step))
 
 
 class FlushStepLog(pl.Callback):
